@@ -1,0 +1,312 @@
+"""Readers of real interaction logs: RecBole atomic files, MovieLens, P5 sequences, tables.
+
+Each `read_<source>(cfg)` returns a `SourceData` in file order; nothing is filtered here
+beyond malformed rows (which `BadRows` rejects or counts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from distrec.data.config import PrepareConfig
+from distrec.data.rows import BadRows, DataError, RowCounts, file_info, iter_records, require_file
+from distrec.data.tables import InteractionRows, ItemRows, SourceData, pick_column
+
+RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+TITLE_NAMES = ("title", "movie_title", "name", "item_name", "product_title")
+CATEGORY_NAMES = ("categories", "category", "genre", "genres", "class")
+EXTRA_TEXT_NAMES = ("brand", "release_year", "year", "artist", "author")
+USER_NAMES = ("user_id", "user", "userId", "customer_id", "visitorid")
+ITEM_NAMES = ("item_id", "item", "itemId", "movieId", "product_id", "itemid")
+TIME_NAMES = ("timestamp", "time", "ts", "event_time", "datetime", "date")
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
+
+
+class _Context:
+    """Per-run helpers shared by the readers: policies, counters, the files read."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.inter_counts, self.item_counts = RowCounts(), RowCounts()
+        self.interactions = InteractionRows(BadRows(cfg.on_bad_rows, self.inter_counts))
+        self.items = ItemRows(BadRows(cfg.on_bad_rows, self.item_counts), cfg.columns.category_separator)
+        self.files: list[dict] = []
+
+    def records(self, path: Path, delimiter: str, encoding: str, what: str, quoting=True, counts=None):
+        self.files.append(file_info(require_file(path, what)))
+        bad = BadRows(self.cfg.on_bad_rows, counts or self.inter_counts)
+        return iter_records(path, delimiter=delimiter, encoding=encoding, bad=bad,
+                            quoting=quoting, progress=self.cfg.progress)
+
+    def result(self, ordered_by="timestamp", with_items=True) -> SourceData:
+        return SourceData(self.interactions.frame(), self.items.frame() if with_items else None,
+                          self.inter_counts, self.item_counts, self.files, ordered_by,
+                          interaction_path=self.interactions.path)
+
+
+def _column_count(bad_rows: BadRows, path, line, fields, header) -> bool:
+    if len(fields) == len(header):
+        return True
+    bad_rows.reject(path, line, "wrong_column_count",
+                    f"expected {len(header)} columns ({', '.join(header)}), found {len(fields)}")
+    return False
+
+
+# --- RecBole atomic files -------------------------------------------------------------
+
+def _recbole_header(path: Path, fields: list[str]) -> list[str]:
+    names = []
+    for position, spec in enumerate(fields, 1):
+        name, _, kind = spec.strip().partition(":")
+        if not name or kind not in RECBOLE_TYPES:
+            raise DataError(f"{path}:1: header column {position} is {spec!r}; expected name:type with "
+                            f"type one of {', '.join(RECBOLE_TYPES)}")
+        if name in names:
+            raise DataError(f"{path}:1: header names column {name!r} twice")
+        names.append(name)
+    return names
+
+
+def _read_recbole_items(ctx: _Context, path: Path, encoding: str) -> None:
+    cols = ctx.cfg.columns
+    records = ctx.records(path, "\t", encoding, "RecBole item file", counts=ctx.item_counts)
+    header = None
+    for line, fields in records:
+        if header is None:
+            header = _recbole_header(path, fields)
+            i_id = pick_column(header, cols.item_id, ("item_id",), path, "item id", "item_id")
+            i_title = pick_column(header, cols.title, TITLE_NAMES, path, "title", "title", required=False)
+            i_cat = pick_column(header, cols.categories, CATEGORY_NAMES, path, "categories", "categories", required=False)
+            extra = cols.text if cols.text is not None else [n for n in EXTRA_TEXT_NAMES if n in header]
+            for name in extra:
+                pick_column(header, name, (), path, "text", "text")
+            i_extra = {name: header.index(name) for name in extra}
+            continue
+        if not _column_count(ctx.items.bad, path, line, fields, header):
+            ctx.item_counts.rows_read += 1
+            continue
+        ctx.items.add(path, line, fields[i_id], fields[i_title] if i_title is not None else "",
+                      {n: fields[i] for n, i in i_extra.items()}, fields[i_cat] if i_cat is not None else None)
+    if header is None:
+        raise DataError(f"{path}: no header line (expected name:type columns)")
+
+
+def read_recbole(cfg: PrepareConfig) -> SourceData:
+    ctx, cols = _Context(cfg), cfg.columns
+    encoding = cfg.encoding or "utf-8"
+    root = Path(cfg.input)
+    if root.is_dir():
+        inters = sorted(root.glob("*.inter"))
+        if len(inters) != 1:
+            raise DataError(f"{root}: expected exactly one .inter file in the directory, found {len(inters)}")
+        inter_path = inters[0]
+    else:
+        inter_path = root
+    header = None
+    for line, fields in ctx.records(inter_path, "\t", encoding, "RecBole interaction file"):
+        if header is None:
+            header = _recbole_header(inter_path, fields)
+            i_user = pick_column(header, cols.user, ("user_id",), inter_path, "user id", "user")
+            i_item = pick_column(header, cols.item, ("item_id",), inter_path, "item id", "item")
+            i_time = pick_column(header, cols.timestamp, ("timestamp",), inter_path, "time", "timestamp", False)
+            i_rating = pick_column(header, cols.rating, ("rating",), inter_path, "rating", "rating", False)
+            i_event = pick_column(header, cols.event, (), inter_path, "event", "event", False)
+            i_weight = pick_column(header, cols.weight, (), inter_path, "weight", "weight", False)
+            continue
+        if not _column_count(ctx.interactions.bad, inter_path, line, fields, header):
+            ctx.inter_counts.rows_read += 1
+            continue
+        get = lambda i: None if i is None else fields[i]  # noqa: E731
+        ctx.interactions.add(inter_path, line, fields[i_user], fields[i_item], get(i_time),
+                             get(i_rating), get(i_event), get(i_weight))
+    if header is None:
+        raise DataError(f"{inter_path}: no header line (expected name:type columns)")
+    item_path = Path(cfg.items) if cfg.items else inter_path.with_suffix(".item")
+    if cfg.items or item_path.exists():
+        _read_recbole_items(ctx, item_path, encoding)
+    ordered = "timestamp" if i_time is not None else "file order"
+    return ctx.result(ordered, with_items=bool(cfg.items or item_path.exists()))
+
+
+# --- MovieLens (GroupLens layouts) ----------------------------------------------------
+
+def read_movielens(cfg: PrepareConfig) -> SourceData:
+    """ML-1M/10M `ratings.dat` + `movies.dat` (`::`), or ML-100K `u.data` + `u.item` (`|`)."""
+    ctx = _Context(cfg)
+    root = Path(cfg.input)
+    folder = root if root.is_dir() else root.parent
+    encoding = cfg.encoding or "latin-1"  # GroupLens files predate UTF-8 (e.g. "Misérables")
+    if (folder / "ratings.dat").exists() or root.name == "ratings.dat":
+        ratings, sep, columns = folder / "ratings.dat", "::", 4
+        movies = Path(cfg.items) if cfg.items else folder / "movies.dat"
+    elif (folder / "u.data").exists() or root.name == "u.data":
+        ratings, sep, columns = folder / "u.data", "\t", 4
+        movies = Path(cfg.items) if cfg.items else folder / "u.item"
+    else:
+        raise DataError(f"{root}: no MovieLens ratings found (expected ratings.dat or u.data)")
+    header = ["user", "item", "rating", "timestamp"]
+    for line, fields in ctx.records(ratings, sep, encoding, "MovieLens ratings", quoting=False):
+        if not _column_count(ctx.interactions.bad, ratings, line, fields, header):
+            ctx.inter_counts.rows_read += 1
+            continue
+        ctx.interactions.add(ratings, line, fields[0], fields[1], fields[3], fields[2])
+    if movies.name == "u.item":
+        genres = list(ML100K_GENRES)
+        if (folder / "u.genre").exists():
+            genres = [f[0] for _, f in ctx.records(folder / "u.genre", "|", encoding, "u.genre", False, ctx.item_counts)
+                      if f and f[0]]
+            ctx.item_counts.rows_read = 0
+        header = ["movie id", "title", "release date", "video release date", "IMDb URL"] + genres
+        for line, fields in ctx.records(movies, "|", encoding, "MovieLens u.item", False, ctx.item_counts):
+            if not _column_count(ctx.items.bad, movies, line, fields, header):
+                ctx.item_counts.rows_read += 1
+                continue
+            cats = [g for g, flag in zip(genres, fields[5:]) if flag.strip() == "1"]
+            ctx.items.add(movies, line, fields[0], fields[1], {}, cats)
+    else:
+        header = ["movie id", "title", "genres"]
+        for line, fields in ctx.records(movies, "::", encoding, "MovieLens movies.dat", False, ctx.item_counts):
+            if not _column_count(ctx.items.bad, movies, line, fields, header):
+                ctx.item_counts.rows_read += 1
+                continue
+            ctx.items.add(movies, line, fields[0], fields[1], {}, fields[2].split("|"))
+    return ctx.result()
+
+
+# --- P5 / S3-Rec sequential format ----------------------------------------------------
+
+def read_p5(cfg: PrepareConfig) -> SourceData:
+    """`sequential_data.txt` (`user item item ...`, time order) + `datamaps.json` + `.item` text."""
+    ctx = _Context(cfg)
+    root = Path(cfg.input)
+    folder = root if root.is_dir() else root.parent
+    seq_path = root if root.is_file() else folder / "sequential_data.txt"
+    maps_path = require_file(folder / "datamaps.json", "P5 datamaps.json")
+    ctx.files.append(file_info(maps_path))
+    try:
+        maps = json.loads(maps_path.read_text(encoding="utf-8"))
+        id2user = {str(v): k for k, v in maps["user2id"].items()}
+        id2item = {str(v): k for k, v in maps["item2id"].items()}
+    except (ValueError, KeyError, AttributeError) as e:
+        raise DataError(f"{maps_path}: expected JSON with 'user2id' and 'item2id' mappings ({e})") from None
+    bad = ctx.interactions.bad
+    for line, fields in ctx.records(seq_path, " ", cfg.encoding or "utf-8", "P5 sequential_data.txt", quoting=False):
+        fields = [f for f in fields if f]
+        if len(fields) < 2:
+            ctx.inter_counts.rows_read += 1
+            bad.reject(seq_path, line, "wrong_column_count", "expected 'user item [item ...]', found no items")
+            continue
+        user = id2user.get(fields[0])
+        unknown = [f for f in fields[1:] if f not in id2item]
+        if user is None or unknown:
+            ctx.inter_counts.rows_read += len(fields) - 1
+            what = f"user index {fields[0]!r}" if user is None else f"item index {unknown[0]!r}"
+            bad.reject(seq_path, line, "unknown_index", f"{what} is not in {maps_path.name}", rows=len(fields) - 1)
+            continue
+        for item in fields[1:]:
+            ctx.interactions.add(seq_path, line, user, id2item[item])
+    if cfg.items:
+        item_path = Path(cfg.items)
+    else:
+        candidates = sorted(folder.glob("*.item"))
+        if len(candidates) != 1:
+            raise DataError(f"{folder}: expected one .item file with the item text, found {len(candidates)}; "
+                            "pass --items PATH")
+        item_path = candidates[0]
+    _read_recbole_items(ctx, item_path, cfg.encoding or "utf-8")
+    return ctx.result("file order")
+
+
+# --- Tables: CSV / TSV / Parquet / JSONL ----------------------------------------------
+
+def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
+    """Yield (header, line, values) for each row of a CSV/TSV/Parquet/JSONL file."""
+    kind = ctx.cfg.columns.format
+    if kind == "auto":
+        suffix = path.suffix.lower()
+        kind = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet", ".pq": "parquet",
+                ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(suffix)
+        if kind is None:
+            raise DataError(f"{path}: cannot tell the format from the extension; set columns.format=csv|tsv|parquet|jsonl")
+    encoding = ctx.cfg.encoding or "utf-8"
+    if kind == "parquet":
+        ctx.files.append(file_info(require_file(path, "table")))
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        header = table.column_names
+        number = 0
+        for batch in table.to_batches(65536):
+            for row in batch.to_pylist():
+                number += 1
+                yield header, f"row {number}", [row[c] for c in header]
+    elif kind == "jsonl":
+        header = None
+        bad = BadRows(ctx.cfg.on_bad_rows, counts)
+        for line, fields in ctx.records(path, "\n", encoding, "table", quoting=False, counts=counts):
+            try:
+                row = json.loads(fields[0])
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError as e:
+                counts.rows_read += 1
+                bad.reject(path, line, "bad_json", f"expected one JSON object per line ({e})")
+                continue
+            header = header or list(row)
+            yield list(row), line, list(row.values())
+    else:
+        header = None
+        for line, fields in ctx.records(path, "," if kind == "csv" else "\t", encoding, "table", counts=counts):
+            if header is None:
+                header = [f.strip() for f in fields]
+                if len(set(header)) != len(header):
+                    raise DataError(f"{path}:{line}: the header names a column twice: {', '.join(header)}")
+                continue
+            if len(fields) != len(header):
+                counts.rows_read += 1
+                BadRows(ctx.cfg.on_bad_rows, counts).reject(
+                    path, line, "wrong_column_count", f"expected {len(header)} columns ({', '.join(header)}), found {len(fields)}")
+                continue
+            yield header, line, fields
+        if header is None:
+            raise DataError(f"{path}: no header line (expected column names)")
+
+
+def read_table(cfg: PrepareConfig) -> SourceData:
+    ctx, cols = _Context(cfg), cfg.columns
+    path = Path(cfg.input)
+    if path.is_dir():
+        raise DataError(f"{path}: the table source reads one file; pass the interaction file as --input")
+    seen_header: dict[tuple, tuple] = {}  # JSONL rows may each carry their own keys
+    for header, line, values in _table_rows(ctx, path, ctx.inter_counts):
+        key = tuple(header)
+        if key not in seen_header:
+            seen_header[key] = tuple(
+                pick_column(header, wanted, names, path, role, k, req) for wanted, names, role, k, req in (
+                    (cols.user, USER_NAMES, "user id", "user", True),
+                    (cols.item, ITEM_NAMES, "item id", "item", True),
+                    (cols.timestamp, TIME_NAMES, "time", "timestamp", False),
+                    (cols.rating, ("rating",), "rating", "rating", False),
+                    (cols.event, ("event", "event_type"), "event", "event", False),
+                    (cols.weight, ("weight",), "weight", "weight", False)))
+        idx = seen_header[key]
+        ctx.interactions.add(path, line, *[None if i is None else values[i] for i in idx])
+    with_items = cfg.items is not None
+    if with_items:
+        item_path = Path(cfg.items)
+        extra = cols.text or []
+        for header, line, values in _table_rows(ctx, item_path, ctx.item_counts):
+            i_id = pick_column(header, cols.item_id, ITEM_NAMES, item_path, "item id", "item_id")
+            i_title = pick_column(header, cols.title, TITLE_NAMES, item_path, "title", "title", False)
+            i_cat = pick_column(header, cols.categories, CATEGORY_NAMES, item_path, "categories", "categories", False)
+            extras = {n: values[pick_column(header, n, (), item_path, "text", "text")] for n in extra}
+            ctx.items.add(item_path, line, values[i_id], "" if i_title is None else values[i_title], extras,
+                          None if i_cat is None else values[i_cat])
+    has_time = any(idx[2] is not None for idx in seen_header.values())
+    return ctx.result("timestamp" if has_time else "file order", with_items=with_items)

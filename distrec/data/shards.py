@@ -1,0 +1,195 @@
+"""Training samples as WebDataset shards: writing them, and reading them exactly once.
+
+Writing uses `webdataset.ShardWriter` (mtime fixed so a re-run is byte-identical).
+Reading is planned here rather than with `webdataset.split_by_node`/`split_by_worker`:
+those split whole shards, so ranks get unequal sample counts and a data-parallel job
+either hangs on the rank with an extra batch or must drop data. The plan below gives
+every rank the same number of steps and every sample exactly once per epoch:
+
+- all ranks agree on one global sample order per epoch (shard order and the order
+  inside each shard permuted by a seed shared across ranks);
+- rank r takes a contiguous slice of that order (sizes differ by at most one);
+- each rank cuts its slice into the same number of steps, with batch sizes that differ
+  by at most one inside a rank;
+- DataLoader worker w of a rank produces steps w, w + W, w + 2W, ... so the loader yields
+  steps in plan order, and resuming at step s skips exactly the first s steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from distrec.data.rows import DataError
+
+SHARD_PATTERN = "train-%05d.tar"
+
+
+def write_shards(samples: list[dict], out_dir: Path, samples_per_shard: int, progress: bool = False) -> list[dict]:
+    """Write samples (`key`, `user`, `history`, `target`) into tars; return the shard list."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: list[int] = []
+    with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=samples_per_shard, mtime=0, verbose=0) as sink:
+        for i, sample in enumerate(samples):
+            if i % samples_per_shard == 0:
+                counts.append(0)
+            record = {"user": int(sample["user"]), "history": [int(x) for x in sample["history"]],
+                      "target": int(sample["target"])}
+            sink.write({"__key__": sample["key"], "json": json.dumps(record, separators=(",", ":")).encode()})
+            counts[-1] += 1
+    return [{"path": SHARD_PATTERN % n, "samples": c, "sha256": sha256_of(out_dir / (SHARD_PATTERN % n))}
+            for n, c in enumerate(counts)]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples `positions` (after the epoch's in-shard permutation) of one shard."""
+
+    shard: int
+    positions: np.ndarray
+
+
+class EpochPlan:
+    """Which samples every (rank, step) gets in one epoch. Pure arithmetic, no I/O."""
+
+    def __init__(self, shard_sizes: list[int], world_size: int, batch_size: int, epoch: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        total = int(sum(shard_sizes))
+        if total < world_size * batch_size and total < world_size:
+            raise DataError(f"{total} training samples cannot feed {world_size} ranks")
+        rng = np.random.default_rng([seed, epoch])
+        shard_order = rng.permutation(len(shard_sizes)) if shuffle else np.arange(len(shard_sizes))
+        # (shard, position-in-shard) of every sample, in the epoch's global order
+        pieces = []
+        for s in shard_order:
+            inner = np.random.default_rng([seed, epoch, int(s)]).permutation(shard_sizes[s]) if shuffle \
+                else np.arange(shard_sizes[s])
+            pieces.append(np.stack([np.full(shard_sizes[s], s), inner], axis=1))
+        self.order = np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
+        per_rank = [total // world_size + (r < total % world_size) for r in range(world_size)]
+        self.rank_start = np.concatenate([[0], np.cumsum(per_rank)])
+        self.steps = math.ceil(max(per_rank) / batch_size)
+        if min(per_rank) < self.steps:
+            raise DataError(f"{total} samples over {world_size} ranks at batch size {batch_size} cannot give "
+                            "every rank the same number of non-empty steps; lower the batch size")
+        self.per_rank = per_rank
+
+    def batch_sizes(self, rank: int) -> np.ndarray:
+        n, s = self.per_rank[rank], self.steps
+        return np.array([n // s + (i < n % s) for i in range(s)])
+
+    def step_samples(self, rank: int, step: int) -> np.ndarray:
+        """(shard, position) rows of the samples of `rank` at `step`."""
+        sizes = self.batch_sizes(rank)
+        start = self.rank_start[rank] + sizes[:step].sum()
+        return self.order[start:start + sizes[step]]
+
+
+def _read_shard(path: Path, expected_sha: str | None) -> list[tuple[str, bytes]]:
+    """All (key, json bytes) of one shard, in file order, after an optional checksum check."""
+    data = path.read_bytes()
+    if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise DataError(f"{path}: checksum does not match the manifest (the shard is corrupt or was changed); "
+                        "re-run distrec prepare")
+    samples = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext == "json":
+                    samples.append((key, tar.extractfile(member).read()))
+    except tarfile.TarError as e:
+        raise DataError(f"{path}: not a readable tar ({e}) after sample {len(samples)}") from None
+    return samples
+
+
+class ShardedSamples(IterableDataset):
+    """Batches of training samples for one rank, planned by `EpochPlan`.
+
+    Use with `DataLoader(dataset, batch_size=None, num_workers=W)`; call `set_epoch` before
+    each epoch. Yields collated batches: dict of `keys` (list), `user` (B,), `history`
+    (B, L) left-padded with -1, `length` (B,), `target` (B,).
+    """
+
+    def __init__(self, data_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, max_history: int = 0, verify: bool = True):
+        self.data_dir = Path(data_dir)
+        manifest = json.loads((self.data_dir / "manifest.json").read_text())
+        self.shards = manifest["shards"]
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle, self.max_history, self.verify = seed, shuffle, max_history, verify
+        self.epoch, self.start_step = 0, 0
+        self._plan()
+
+    def _plan(self):
+        self.plan = EpochPlan([s["samples"] for s in self.shards], self.world_size, self.batch_size,
+                              self.epoch, self.seed, self.shuffle)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Plan `epoch`; skip its first `start_step` steps (exact resume)."""
+        self.epoch, self.start_step = epoch, start_step
+        self._plan()
+
+    def __len__(self) -> int:
+        return self.plan.steps - self.start_step
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        steps = [s for s in range(self.start_step, self.plan.steps) if s % workers == worker]
+        cache: dict[int, list] = {}  # shard -> permuted samples; shards are small (MBs)
+        for step in steps:
+            rows = self.plan.step_samples(self.rank, step)
+            batch = []
+            for shard, position in rows:
+                if shard not in cache:
+                    cache.clear()  # steps walk the order, so one shard at a time suffices
+                    info_s = self.shards[shard]
+                    raw = _read_shard(self.data_dir / info_s["path"], info_s["sha256"] if self.verify else None)
+                    if len(raw) != info_s["samples"]:
+                        raise DataError(f"{self.data_dir / info_s['path']}: holds {len(raw)} samples, "
+                                        f"the manifest says {info_s['samples']}")
+                    cache[shard] = raw
+                key, payload = cache[shard][position]
+                try:
+                    record = json.loads(payload)
+                except ValueError:
+                    raise DataError(f"{self.data_dir / self.shards[shard]['path']}: sample {key} is not valid JSON") from None
+                record["key"] = key
+                batch.append(record)
+            yield collate(batch, self.max_history)
+
+
+def collate(samples: list[dict], max_history: int = 0) -> dict:
+    """Left-pad histories (the most recent item last) to the batch's longest, -1 as padding."""
+    histories = [s["history"][-max_history:] if max_history else s["history"] for s in samples]
+    width = max((len(h) for h in histories), default=0)
+    padded = torch.full((len(samples), max(width, 1)), -1, dtype=torch.long)
+    for row, h in enumerate(histories):
+        if h:
+            padded[row, width - len(h):] = torch.as_tensor(h, dtype=torch.long)
+    return {
+        "keys": [s["key"] for s in samples],
+        "user": torch.tensor([s["user"] for s in samples], dtype=torch.long),
+        "history": padded,
+        "length": torch.tensor([len(h) for h in histories], dtype=torch.long),
+        "target": torch.tensor([s["target"] for s in samples], dtype=torch.long),
+    }

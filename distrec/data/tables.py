@@ -1,0 +1,206 @@
+"""The common shape every reader produces: validated interaction rows and catalog rows.
+
+Readers differ in layout; they all hand their fields to `InteractionRows.add` and
+`ItemRows.add`, so validation (empty ids, bad numbers, duplicates) and the item text the
+model will read are defined once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from distrec.data.rows import BadRows, RowCounts
+
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
+
+
+def parse_categories(value, separator: str = "auto") -> list[str]:
+    """Split a categories value into a de-duplicated list, order kept.
+
+    'auto' understands a quoted list (`'Beauty', 'Makeup'`, the Amazon RecBole files),
+    then `|` (MovieLens .dat), then whitespace (RecBole `token_seq`, ML-1M genres).
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, np.ndarray)):
+        parts = [str(v).strip() for v in value]
+    else:
+        text = str(value).strip()
+        if not text:
+            return []
+        if separator != "auto":
+            parts = text.split(separator)
+        elif text[0] in "'\"[":
+            parts = [a or b for a, b in _QUOTED.findall(text)] or [text.strip("[]'\" ")]
+        elif "|" in text:
+            parts = text.split("|")
+        else:
+            parts = text.split()
+    return list(dict.fromkeys(p.strip() for p in parts if p and p.strip()))
+
+
+def parse_time(text) -> float:
+    """Seconds since the epoch from a number or an ISO 8601 date; ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        text = str(text).strip()
+        try:
+            value = float(text)
+        except ValueError:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            value = moment.timestamp()
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
+def id_text(value) -> str:
+    """An id as text: 12 and 12.0 both become '12' (Parquet/JSON give numbers)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+class InteractionRows:
+    """Collects validated interactions in file order."""
+
+    def __init__(self, bad: BadRows):
+        self.bad = bad
+        self.user: list[str] = []
+        self.item: list[str] = []
+        self.timestamp: list[float] = []
+        self.rating: list[float] = []
+        self.event: list[str | None] = []
+        self.weight: list[float] = []
+        self.line: list[int] = []  # for messages about rows rejected after reading
+        self.path: str = ""
+
+    def add(self, path, line, user, item, timestamp=None, rating=None, event=None, weight=None) -> None:
+        self.bad.counts.rows_read += 1
+        user, item = id_text(user), id_text(item)
+        if not user or not item:
+            which = "user" if not user else "item"
+            self.bad.reject(path, line, f"empty_{which}_id", f"empty {which} id (expected a non-empty {which} id)")
+            return
+        try:
+            ts = math.nan if timestamp is None else parse_time(timestamp)
+        except (ValueError, TypeError, OverflowError):
+            self.bad.reject(path, line, "bad_timestamp", f"timestamp {timestamp!r} is not a number or ISO date")
+            return
+        numbers = [ts]
+        for name, raw in (("rating", rating), ("weight", weight)):
+            try:
+                value = math.nan if raw is None else float(raw)
+                if raw is not None and not math.isfinite(value):
+                    raise ValueError
+            except (ValueError, TypeError, OverflowError):
+                self.bad.reject(path, line, f"bad_{name}", f"{name} {raw!r} is not a finite number")
+                return
+            numbers.append(value)
+        self.user.append(user)
+        self.item.append(item)
+        self.timestamp.append(numbers[0])
+        self.rating.append(numbers[1])
+        self.weight.append(numbers[2])
+        self.event.append(None if event is None else str(event))
+        self.line.append(line if isinstance(line, int) else len(self.line) + 1)
+        self.path = str(path)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({
+            "user": pd.Series(self.user, dtype=object),
+            "item": pd.Series(self.item, dtype=object),
+            "timestamp": np.asarray(self.timestamp, dtype=np.float64),
+            "rating": np.asarray(self.rating, dtype=np.float64),
+            "event": pd.Series(self.event, dtype=object),
+            "weight": np.asarray(self.weight, dtype=np.float64),
+            "line": np.asarray(self.line, dtype=np.int64),
+        })
+
+
+def item_text(title: str, extras: dict[str, str], categories: list[str]) -> str:
+    """The text the model reads for an item: title, labelled extra fields, categories."""
+    parts = [title] if title else []
+    parts += [f"{name.replace('_', ' ').title()}: {value}" for name, value in extras.items() if value]
+    if categories:
+        parts.append("Categories: " + ", ".join(categories))
+    return ". ".join(parts)
+
+
+class ItemRows:
+    """Collects validated catalog rows; the first row of a duplicated id wins."""
+
+    def __init__(self, bad: BadRows, separator: str = "auto"):
+        self.bad = bad
+        self.separator = separator
+        self.seen: set[str] = set()
+        self.rows: dict[str, list] = {"item": [], "title": [], "text": [], "categories": []}
+
+    def add(self, path, line, item, title, extras: dict, categories) -> None:
+        self.bad.counts.rows_read += 1
+        item = id_text(item)
+        if not item:
+            self.bad.reject(path, line, "empty_item_id", "empty item id (expected a non-empty item id)")
+            return
+        if item in self.seen:
+            self.bad.reject(path, line, "duplicate_item", f"item id {item!r} already defined earlier in the catalog")
+            return
+        self.seen.add(item)
+        title = " ".join(str(title or "").split())  # titles with tabs/newlines become one line
+        extras = {k: " ".join(str(v).split()) for k, v in extras.items() if v is not None}
+        cats = parse_categories(categories, self.separator)
+        self.rows["item"].append(item)
+        self.rows["title"].append(title)
+        self.rows["text"].append(item_text(title, extras, cats))
+        self.rows["categories"].append(cats)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+@dataclass
+class SourceData:
+    """What a reader hands to processing."""
+
+    interactions: pd.DataFrame  # user, item, timestamp, rating, event, weight; file order
+    items: pd.DataFrame | None  # item, title, text, categories; None when there is no catalog
+    interaction_counts: RowCounts
+    item_counts: RowCounts
+    files: list[dict] = field(default_factory=list)
+    ordered_by: str = "timestamp"  # or "file order" when the source has no times
+    interaction_path: str = ""  # named in messages about rows rejected after reading
+    notes: dict = field(default_factory=dict)
+
+
+def pick_column(header: list[str], wanted: str | None, conventions: tuple[str, ...], path: Path,
+                role: str, key: str, required: bool = True) -> int | None:
+    """Index of the column for `role`: the configured name, else the first conventional one."""
+    if wanted is not None:
+        if wanted not in header:
+            raise_missing(path, header, f"column '{wanted}' (set by columns.{key})", key)
+        return header.index(wanted)
+    for name in conventions:
+        if name in header:
+            return header.index(name)
+    if required:
+        raise_missing(path, header, f"a {role} column (one of {', '.join(conventions)})", key)
+    return None
+
+
+def raise_missing(path, header, what, key):
+    from distrec.data.rows import DataError
+
+    raise DataError(f"{path}: expected {what}; the header has: {', '.join(header)}.\n"
+                    f"  (name the right column with columns.{key}=NAME)")

@@ -1,0 +1,68 @@
+"""Shared helpers: tiny input files written by the tests, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from distrec.cli import main
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+class Prepared:
+    """A prepared dataset directory, read back."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.manifest = json.loads((out / "manifest.json").read_text())
+        self.items = pd.read_parquet(out / "items.parquet")
+        self.users = pd.read_parquet(out / "users.parquet")
+        self.val = pd.read_parquet(out / "val.parquet")
+        self.test = pd.read_parquet(out / "test.parquet")
+
+    def item_ids(self, indices) -> list[str]:
+        return [self.items["item_id"][int(i)] for i in indices]
+
+    def user_row(self, frame: pd.DataFrame, user_id: str):
+        index = int(self.users.set_index("user_id")["index"][user_id])
+        return frame.set_index("user").loc[index]
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `distrec ARGS` in-process; return (exit code, stderr)."""
+
+    def run(*args) -> tuple[int, str]:
+        code = main([str(a) for a in args] + (["--no-progress"] if args and args[0] == "prepare" else []))
+        return code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture
+def prepare(cli, tmp_path):
+    """prepare(source, input, *overrides) -> Prepared; asserts success."""
+
+    def run(source: str, input_path=None, *overrides, items=None, out=None) -> Prepared:
+        out = out or tmp_path / f"out-{source}"
+        args = ["prepare", "--source", source, "--out", out, "--overwrite"]
+        if input_path is not None:
+            args += ["--input", input_path]
+        if items is not None:
+            args += ["--items", items]
+        code, err = cli(*args, *overrides)
+        assert code == 0, err
+        return Prepared(Path(out))
+
+    return run

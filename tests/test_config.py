@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distrec.config import ConfigError, load_config, parse_override, save_config, to_dict
+from distrec.data.config import PrepareConfig
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+# which schema validates the YAML files of each configs/ folder
+SCHEMAS = {"prepare": PrepareConfig}
+
+
+def test_defaults_and_override_types():
+    cfg = load_config(PrepareConfig, overrides=["split.mode=time", "filter.min_rating=4", "shards.max_history=50",
+                                                "filter.events=[buy, cart]", "columns.user=1", "overwrite=true"])
+    assert cfg.split.mode == "time"
+    assert cfg.filter.min_rating == 4.0 and isinstance(cfg.filter.min_rating, float)
+    assert cfg.shards.max_history == 50
+    assert cfg.filter.events == ["buy", "cart"]
+    assert cfg.columns.user == "1"
+    assert cfg.overwrite is True
+    assert cfg.source == "synthetic"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("split.mdoe=time", "unknown key 'split.mdoe'; did you mean 'mode'?"),
+    ("shard.max_history=3", "unknown key 'shard'; did you mean 'shards'?"),
+    ("split.mode=tiem", "split.mode: expected one of 'loo' | 'time', got 'tiem'; did you mean 'time'?"),
+    ("shards.max_history=many", "shards.max_history: expected int, got 'many'"),
+    ("shards.max_history=-1", "shards.max_history must be >= 0"),
+    ("split.val_fraction=0.95", "split.val_fraction + split.test_fraction must be < 1"),
+    ("overwrite=maybe", "overwrite: expected bool, got 'maybe'"),
+    ("novalue", "must look like key=value"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(PrepareConfig, overrides=[override])
+    assert message in str(e.value)
+
+
+def test_yaml_unknown_key_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("source: recbole\nfilter:\n  min_ratign: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'filter.min_ratign'; did you mean 'min_rating'\?.*bad.yaml"):
+        load_config(PrepareConfig, path)
+
+
+def test_yaml_then_overrides_then_roundtrip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("source: p5\nsplit:\n  mode: loo\n  seed: 3\n")
+    cfg = load_config(PrepareConfig, path, ["split.seed=4"], base={"out": "x"})
+    assert (cfg.source, cfg.split.seed, cfg.out) == ("p5", 4, "x")
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(PrepareConfig, tmp_path / "resolved.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=x=y") == (["a"], "x=y")
+
+
+def _shipped_yaml():
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] in SCHEMAS)
+
+
+def test_every_config_folder_has_a_schema():
+    folders = {p.relative_to(CONFIGS).parts[0] for p in CONFIGS.rglob("*.yaml")}
+    assert folders <= set(SCHEMAS), f"configs/ folders without a schema in this test: {folders - set(SCHEMAS)}"
+    assert len(_shipped_yaml()) >= 5
+
+
+@pytest.mark.parametrize("path", _shipped_yaml(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(SCHEMAS[path.relative_to(CONFIGS).parts[0]], path)
+    # every key written in the file survives into the resolved config
+    def check(written, resolved, where):
+        for key, value in written.items():
+            if isinstance(value, dict):
+                check(value, resolved[key], f"{where}{key}.")
+            else:
+                assert resolved[key] == value, f"{path}: {where}{key}"
+    check(yaml.safe_load(path.read_text()), to_dict(cfg), "")
