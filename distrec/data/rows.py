@@ -54,6 +54,7 @@ class BadRows:
         self.counts = counts
 
     def reject(self, path: str | Path, line: int | str, reason: str, detail: str, rows: int = 1) -> None:
+        """Reject rows already counted as read."""
         message = f"{path}:{line}: {detail}"
         if self.policy == "error":
             raise DataError(f"{message}\n  (fix the row, or pass on_bad_rows=skip to drop such rows and count them in the manifest)")
@@ -102,6 +103,10 @@ def iter_records(
     path = Path(path)
     bad_lines: set[int] = set()
 
+    def reject(line, reason, detail, rows=1):
+        bad.counts.rows_read += rows  # rows that never reach the caller are still rows read
+        bad.reject(path, line, reason, detail, rows)
+
     def decoded(fh) -> Iterator[str]:
         bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"read {path.name}",
                    disable=not progress, leave=False, mininterval=0.5)
@@ -129,7 +134,7 @@ def iter_records(
                 except StopIteration:
                     break
                 except csv.Error as e:
-                    bad.reject(path, reader.line_num, "unparsable_row", f"cannot parse the row ({e})")
+                    reject(reader.line_num, "unparsable_row", f"cannot parse the row ({e})")
                     last = reader.line_num
                     continue
                 first, last = last + 1, reader.line_num
@@ -137,12 +142,12 @@ def iter_records(
                 if not fields:
                     continue
                 if bad_lines and any(n in bad_lines for n in span):
-                    bad.reject(path, first, "bad_encoding", f"the line is not valid {encoding}")
+                    reject(first, "bad_encoding", f"the line is not valid {encoding}")
                     continue
                 if last - first >= MAX_RECORD_LINES:
-                    bad.reject(path, first, "unterminated_quote",
-                               f"a quoted field opened on this line is not closed before line {last}",
-                               rows=last - first + 1)
+                    reject(first, "unterminated_quote",
+                           f"a quoted field opened on this line is not closed before line {last}",
+                           rows=last - first + 1)
                     continue
                 yield first, fields
         else:
@@ -151,7 +156,7 @@ def iter_records(
                 if not line:
                     continue
                 if number in bad_lines:
-                    bad.reject(path, number, "bad_encoding", f"the line is not valid {encoding}")
+                    reject(number, "bad_encoding", f"the line is not valid {encoding}")
                     continue
                 yield number, line.split(delimiter)
 
