@@ -11,8 +11,9 @@ every rank the same number of steps and every sample exactly once per epoch:
 - rank r takes a contiguous slice of that order (sizes differ by at most one);
 - each rank cuts its slice into the same number of steps, with batch sizes that differ
   by at most one inside a rank;
-- DataLoader worker w of a rank produces steps w, w + W, w + 2W, ... so the loader yields
-  steps in plan order, and resuming at step s skips exactly the first s steps.
+- DataLoader worker w of a rank produces steps s0 + w, s0 + w + W, ... (s0 = the step to
+  start from, W = workers), so the loader yields steps in plan order and a resume at
+  step s0 skips exactly the first s0 steps.
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ class EpochPlan:
 
 
 def _read_shard(path: Path, expected_sha: str | None) -> list[tuple[str, bytes]]:
-    """All (key, json bytes) of one shard, in file order, after an optional checksum check."""
+    """All (key, json bytes) of one shard, in file order, after an optional checksum check.
+
+    Read with tarfile rather than a webdataset pipeline: the plan needs samples by position
+    inside a shard, and webdataset's iterators only stream.
+    """
     data = path.read_bytes()
     if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
         raise DataError(f"{path}: checksum does not match the manifest (the shard is corrupt or was changed); "
@@ -154,7 +159,8 @@ class ShardedSamples(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        steps = [s for s in range(self.start_step, self.plan.steps) if s % workers == worker]
+        # the loader asks workers round-robin from worker 0, so count from the first step served
+        steps = range(self.start_step + worker, self.plan.steps, workers)
         cache: dict[int, list] = {}  # shard -> permuted samples; shards are small (MBs)
         for step in steps:
             rows = self.plan.step_samples(self.rank, step)
