@@ -74,7 +74,7 @@ class EpochPlan:
     def __init__(self, shard_sizes: list[int], world_size: int, batch_size: int, epoch: int = 0,
                  seed: int = 0, shuffle: bool = True):
         total = int(sum(shard_sizes))
-        if total < world_size * batch_size and total < world_size:
+        if total < world_size:
             raise DataError(f"{total} training samples cannot feed {world_size} ranks")
         rng = np.random.default_rng([seed, epoch])
         shard_order = rng.permutation(len(shard_sizes)) if shuffle else np.arange(len(shard_sizes))
