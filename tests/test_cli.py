@@ -1,0 +1,40 @@
+"""The CLI as users type it: a real subprocess, exit codes, the demo end to end."""
+
+import json
+import subprocess
+import sys
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "distrec", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = _run("demo", "--out", tmp_path / "demo", "synthetic.num_users=300")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "demo" / "data" / "manifest.json").read_text())
+    assert manifest["num_users"] == 300 and manifest["splits"]["test"]["users"] == 300
+    assert "[1/4] prepare" in result.stderr and "demo finished" in result.stderr
+
+
+def test_unbuilt_verbs_say_so_and_fail():
+    result = _run("train")
+    assert result.returncode == 2 and "not built yet" in result.stderr
+
+
+def test_help_config_lists_every_key():
+    result = _run("prepare", "--help-config")
+    assert result.returncode == 0
+    keys = [line.split(" ")[0] for line in result.stdout.splitlines()]
+    assert {"source", "split.mode", "filter.min_rating", "shards.samples_per_shard", "columns.category_separator"} <= set(keys)
+
+
+def test_bad_input_exit_code_without_traceback(tmp_path):
+    bad = tmp_path / "d" / "d.inter"
+    bad.parent.mkdir()
+    bad.write_text("user_id:token\titem_id:token\nu1\n")
+    result = _run("prepare", "--source", "recbole", "--input", bad.parent, "--out", tmp_path / "o")
+    assert result.returncode == 2
+    assert "d.inter:2: expected 2 columns (user_id, item_id), found 1" in result.stderr
+    assert "Traceback" not in result.stderr
