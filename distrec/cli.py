@@ -58,7 +58,10 @@ def _summary(manifest: dict, out: str) -> None:
         rows.insert(2, (f"  rejected: {reason}", count))
     for name, value in rows:
         table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    console.print(table)
+    for warning in manifest["notes"].get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 def run_prepare(args) -> int:

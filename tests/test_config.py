@@ -28,7 +28,7 @@ def test_defaults_and_override_types():
     ("shard.max_history=3", "unknown key 'shard'; did you mean 'shards'?"),
     ("split.mode=tiem", "split.mode: expected one of 'loo' | 'time', got 'tiem'; did you mean 'time'?"),
     ("shards.max_history=many", "shards.max_history: expected int, got 'many'"),
-    ("shards.max_history=-1", "shards.max_history must be >= 0"),
+    ("shards.max_history=-1", "shards.max_history and shards.seed must be >= 0"),
     ("split.val_fraction=0.95", "split.val_fraction + split.test_fraction must be < 1"),
     ("overwrite=maybe", "overwrite: expected bool, got 'maybe'"),
     ("novalue", "must look like key=value"),

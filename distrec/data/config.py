@@ -5,6 +5,7 @@ Every key is documented on its own line (`distrec prepare --help-config` prints 
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -75,6 +76,10 @@ class SplitConfig:
                 raise ValueError(f"split.{name} must be in [0, 1), got {value}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("split.val_fraction + split.test_fraction must be < 1")
+        if self.mode == "time" and self.test_fraction <= 0.0:
+            raise ValueError("split.test_fraction must be > 0 with split.mode=time")
+        if self.seed < 0:
+            raise ValueError("split.seed must be >= 0")
 
 
 @dataclass
@@ -89,8 +94,8 @@ class ShardsConfig:
     def __post_init__(self):
         if self.samples_per_shard < 1:
             raise ValueError("shards.samples_per_shard must be >= 1")
-        if self.max_history < 0:
-            raise ValueError("shards.max_history must be >= 0")
+        if self.max_history < 0 or self.seed < 0:
+            raise ValueError("shards.max_history and shards.seed must be >= 0")
 
 
 @dataclass
@@ -112,6 +117,8 @@ class SyntheticConfig:
             raise ValueError("synthetic: num_users >= 1, num_items >= 2, num_categories >= 1 required")
         if self.num_categories > self.num_items:
             raise ValueError("synthetic: num_categories must be <= num_items")
+        if self.seed < 0:
+            raise ValueError("synthetic.seed must be >= 0")
         if not 0.0 <= self.new_item_fraction < 1.0:
             raise ValueError("synthetic.new_item_fraction must be in [0, 1)")
         if not (0.0 <= self.stay_probability <= 1.0 and 0.0 <= self.cold_target_share <= 1.0):
@@ -136,3 +143,10 @@ class PrepareConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     progress: bool = _help("show progress bars", default=True)
+
+    def __post_init__(self):
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(f"encoding: unknown text encoding {self.encoding!r} (e.g. utf-8, latin-1)") from None

@@ -67,13 +67,21 @@ TEST_SCHEMA = EVAL_SCHEMA.append(pa.field("cold_target", pa.bool_()))
 
 
 def _staging_dir(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary sibling of `out`; clear errors for outputs that cannot be replaced."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; choose another --out")
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise DataError(f"{out}: refusing to replace the current directory or one above it; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     return staging
 
 

@@ -55,7 +55,8 @@ def _filter(frame: pd.DataFrame, source: SourceData, cfg: PrepareConfig, steps: 
             steps["after_catalog_check"] = len(frame)
     if source.ordered_by == "timestamp":
         frame = frame.sort_values("timestamp", kind="stable")  # ties keep file order
-    if f.dedupe != "none":
+    # without timestamps two equal (user, item) rows may be real repeats: 'exact' cannot tell
+    if f.dedupe == "first" or (f.dedupe == "exact" and source.ordered_by == "timestamp"):
         keys = ["user", "item", "timestamp"] if f.dedupe == "exact" else ["user", "item"]
         frame = frame[~frame.duplicated(keys, keep="first")]
         steps["after_dedupe"] = len(frame)
@@ -83,7 +84,8 @@ def _catalog(frame: pd.DataFrame, source: SourceData, cfg: PrepareConfig) -> pd.
         items = pd.DataFrame({"item": order, "title": "", "text": "", "categories": [[] for _ in order]})
     else:
         catalog = source.items.set_index("item", drop=False)
-        extra = [i for i in catalog.index if i not in set(order)] if cfg.filter.keep_unseen_items else []
+        seen = set(order)
+        extra = [i for i in catalog.index if i not in seen] if cfg.filter.keep_unseen_items else []
         items = catalog.loc[list(order) + extra].reset_index(drop=True)
     items.insert(0, "index", np.arange(len(items), dtype=np.int32))
     return items.rename(columns={"item": "item_id"})
@@ -158,6 +160,15 @@ def build(source: SourceData, cfg: PrepareConfig) -> Dataset:
             test_rows.append((u, test[0].astype(np.int32), int(test[1])))
     if removed:
         steps["after_cold_holdout"] = int(len(frame) - removed)
+    warnings = []
+    if not any(len(s) >= 2 for s in train):
+        warnings.append("no user has two training interactions: there are no training samples "
+                        "(use more data, or shorter val/test periods with split.mode=time)")
+    if not val_rows:
+        warnings.append("the validation split is empty")
+    if not test_rows:
+        raise DataError("the split leaves no test users (each needs a history and a later interaction); "
+                        "check the timestamps or split.test_fraction")
 
     train_count = np.bincount(np.concatenate(train) if train else np.zeros(0, np.int32), minlength=len(items))
     items["held_out"] = held_out
@@ -171,6 +182,8 @@ def build(source: SourceData, cfg: PrepareConfig) -> Dataset:
         "users_without_test": int(len(users) - len(test)),
         "cold_test_targets": int(test["cold_target"].sum()),
     }
+    if warnings:
+        notes["warnings"] = warnings
     if source.items is None:
         notes["no_catalog"] = "no item catalog was given: item text is empty, so only ID models can learn"
     return Dataset(users, items, train, val, test, int(len(frame) - removed), steps, notes)

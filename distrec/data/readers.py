@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distrec.data.config import PrepareConfig
-from distrec.data.rows import BadRows, DataError, RowCounts, file_info, iter_records, require_file
+from distrec.data.rows import BadRows, DataError, Records, RowCounts, file_info, require_file
 from distrec.data.tables import InteractionRows, ItemRows, SourceData, pick_column
 
 RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -37,24 +37,22 @@ class _Context:
         self.items = ItemRows(BadRows(cfg.on_bad_rows, self.item_counts), cfg.columns.category_separator)
         self.files: list[dict] = []
 
-    def records(self, path: Path, delimiter: str, encoding: str, what: str, quoting=True, counts=None):
+    def records(self, path: Path, delimiter: str, encoding: str, what: str, quoting=True, counts=None,
+                header=None) -> Records:
         self.files.append(file_info(require_file(path, what)))
         bad = BadRows(self.cfg.on_bad_rows, counts or self.inter_counts)
-        return iter_records(path, delimiter=delimiter, encoding=encoding, bad=bad,
-                            quoting=quoting, progress=self.cfg.progress)
+        records = Records(path, delimiter=delimiter, encoding=encoding, bad=bad, quoting=quoting,
+                          progress=self.cfg.progress)
+        records.header = header
+        return records
 
     def result(self, ordered_by="timestamp", with_items=True) -> SourceData:
+        if self.inter_counts.rows_read == 0:
+            raise DataError(f"{self.files[0]['path'] if self.files else self.cfg.input}: no interaction rows "
+                            "(the file holds at most a header)")
         return SourceData(self.interactions.frame(), self.items.frame() if with_items else None,
                           self.inter_counts, self.item_counts, self.files, ordered_by,
                           interaction_path=self.interactions.path)
-
-
-def _column_count(bad_rows: BadRows, path, line, fields, header) -> bool:
-    if len(fields) == len(header):
-        return True
-    bad_rows.reject(path, line, "wrong_column_count",
-                    f"expected {len(header)} columns ({', '.join(header)}), found {len(fields)}")
-    return False
 
 
 # --- RecBole atomic files -------------------------------------------------------------
@@ -78,7 +76,7 @@ def _read_recbole_items(ctx: _Context, path: Path, encoding: str) -> None:
     header = None
     for line, fields in records:
         if header is None:
-            header = _recbole_header(path, fields)
+            header = records.header = _recbole_header(path, fields)
             i_id = pick_column(header, cols.item_id, ("item_id",), path, "item id", "item_id")
             i_title = pick_column(header, cols.title, TITLE_NAMES, path, "title", "title", required=False)
             i_cat = pick_column(header, cols.categories, CATEGORY_NAMES, path, "categories", "categories", required=False)
@@ -86,9 +84,6 @@ def _read_recbole_items(ctx: _Context, path: Path, encoding: str) -> None:
             for name in extra:
                 pick_column(header, name, (), path, "text", "text")
             i_extra = {name: header.index(name) for name in extra}
-            continue
-        if not _column_count(ctx.items.bad, path, line, fields, header):
-            ctx.item_counts.rows_read += 1
             continue
         ctx.items.add(path, line, fields[i_id], fields[i_title] if i_title is not None else "",
                       {n: fields[i] for n, i in i_extra.items()}, fields[i_cat] if i_cat is not None else None)
@@ -108,18 +103,16 @@ def read_recbole(cfg: PrepareConfig) -> SourceData:
     else:
         inter_path = root
     header = None
-    for line, fields in ctx.records(inter_path, "\t", encoding, "RecBole interaction file"):
+    records = ctx.records(inter_path, "\t", encoding, "RecBole interaction file")
+    for line, fields in records:
         if header is None:
-            header = _recbole_header(inter_path, fields)
+            header = records.header = _recbole_header(inter_path, fields)
             i_user = pick_column(header, cols.user, ("user_id",), inter_path, "user id", "user")
             i_item = pick_column(header, cols.item, ("item_id",), inter_path, "item id", "item")
             i_time = pick_column(header, cols.timestamp, ("timestamp",), inter_path, "time", "timestamp", False)
             i_rating = pick_column(header, cols.rating, ("rating",), inter_path, "rating", "rating", False)
             i_event = pick_column(header, cols.event, (), inter_path, "event", "event", False)
             i_weight = pick_column(header, cols.weight, (), inter_path, "weight", "weight", False)
-            continue
-        if not _column_count(ctx.interactions.bad, inter_path, line, fields, header):
-            ctx.inter_counts.rows_read += 1
             continue
         get = lambda i: None if i is None else fields[i]  # noqa: E731
         ctx.interactions.add(inter_path, line, fields[i_user], fields[i_item], get(i_time),
@@ -150,10 +143,7 @@ def read_movielens(cfg: PrepareConfig) -> SourceData:
     else:
         raise DataError(f"{root}: no MovieLens ratings found (expected ratings.dat or u.data)")
     header = ["user", "item", "rating", "timestamp"]
-    for line, fields in ctx.records(ratings, sep, encoding, "MovieLens ratings", quoting=False):
-        if not _column_count(ctx.interactions.bad, ratings, line, fields, header):
-            ctx.inter_counts.rows_read += 1
-            continue
+    for line, fields in ctx.records(ratings, sep, encoding, "MovieLens ratings", quoting=False, header=header):
         ctx.interactions.add(ratings, line, fields[0], fields[1], fields[3], fields[2])
     if movies.name == "u.item":
         genres = list(ML100K_GENRES)
@@ -162,18 +152,12 @@ def read_movielens(cfg: PrepareConfig) -> SourceData:
                       if f and f[0]]
             ctx.item_counts.rows_read = 0
         header = ["movie id", "title", "release date", "video release date", "IMDb URL"] + genres
-        for line, fields in ctx.records(movies, "|", encoding, "MovieLens u.item", False, ctx.item_counts):
-            if not _column_count(ctx.items.bad, movies, line, fields, header):
-                ctx.item_counts.rows_read += 1
-                continue
+        for line, fields in ctx.records(movies, "|", encoding, "MovieLens u.item", False, ctx.item_counts, header):
             cats = [g for g, flag in zip(genres, fields[5:]) if flag.strip() == "1"]
             ctx.items.add(movies, line, fields[0], fields[1], {}, cats)
     else:
         header = ["movie id", "title", "genres"]
-        for line, fields in ctx.records(movies, "::", encoding, "MovieLens movies.dat", False, ctx.item_counts):
-            if not _column_count(ctx.items.bad, movies, line, fields, header):
-                ctx.item_counts.rows_read += 1
-                continue
+        for line, fields in ctx.records(movies, "::", encoding, "MovieLens movies.dat", False, ctx.item_counts, header):
             ctx.items.add(movies, line, fields[0], fields[1], {}, fields[2].split("|"))
     return ctx.result()
 
@@ -192,7 +176,7 @@ def read_p5(cfg: PrepareConfig) -> SourceData:
         maps = json.loads(maps_path.read_text(encoding="utf-8"))
         id2user = {str(v): k for k, v in maps["user2id"].items()}
         id2item = {str(v): k for k, v in maps["item2id"].items()}
-    except (ValueError, KeyError, AttributeError) as e:
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise DataError(f"{maps_path}: expected JSON with 'user2id' and 'item2id' mappings ({e})") from None
     bad = ctx.interactions.bad
     for line, fields in ctx.records(seq_path, " ", cfg.encoding or "utf-8", "P5 sequential_data.txt", quoting=False):
@@ -224,15 +208,20 @@ def read_p5(cfg: PrepareConfig) -> SourceData:
 
 # --- Tables: CSV / TSV / Parquet / JSONL ----------------------------------------------
 
-def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
-    """Yield (header, line, values) for each row of a CSV/TSV/Parquet/JSONL file."""
+def _table_format(ctx: _Context, path: Path) -> str:
     kind = ctx.cfg.columns.format
     if kind == "auto":
-        suffix = path.suffix.lower()
         kind = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet", ".pq": "parquet",
-                ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(suffix)
+                ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(path.suffix.lower())
         if kind is None:
             raise DataError(f"{path}: cannot tell the format from the extension; set columns.format=csv|tsv|parquet|jsonl")
+    return kind
+
+
+def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
+    """Yield (line or row number, row as a dict) for each row of a CSV/TSV/Parquet/JSONL file.
+    A value missing from a row is None (and rejected downstream when its column is used)."""
+    kind = _table_format(ctx, path)
     encoding = ctx.cfg.encoding or "utf-8"
     if kind == "parquet":
         ctx.files.append(file_info(require_file(path, "table")))
@@ -240,14 +229,12 @@ def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        header = table.column_names
         number = 0
         for batch in table.to_batches(65536):
             for row in batch.to_pylist():
                 number += 1
-                yield header, f"row {number}", [row[c] for c in header]
+                yield number, row
     elif kind == "jsonl":
-        header = None
         bad = BadRows(ctx.cfg.on_bad_rows, counts)
         for line, fields in ctx.records(path, "\n", encoding, "table", quoting=False, counts=counts):
             try:
@@ -258,24 +245,22 @@ def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
                 counts.rows_read += 1
                 bad.reject(path, line, "bad_json", f"expected one JSON object per line ({e})")
                 continue
-            header = header or list(row)
-            yield list(row), line, list(row.values())
+            yield line, row
     else:
-        header = None
-        for line, fields in ctx.records(path, "," if kind == "csv" else "\t", encoding, "table", counts=counts):
-            if header is None:
-                header = [f.strip() for f in fields]
-                if len(set(header)) != len(header):
-                    raise DataError(f"{path}:{line}: the header names a column twice: {', '.join(header)}")
+        records = ctx.records(path, "," if kind == "csv" else "\t", encoding, "table", counts=counts)
+        for line, fields in records:
+            if records.header is None:
+                records.header = [f.strip() for f in fields]
+                if len(set(records.header)) != len(records.header):
+                    raise DataError(f"{path}:{line}: the header names a column twice: {', '.join(records.header)}")
                 continue
-            if len(fields) != len(header):
-                counts.rows_read += 1
-                BadRows(ctx.cfg.on_bad_rows, counts).reject(
-                    path, line, "wrong_column_count", f"expected {len(header)} columns ({', '.join(header)}), found {len(fields)}")
-                continue
-            yield header, line, fields
-        if header is None:
-            raise DataError(f"{path}: no header line (expected column names)")
+            yield line, dict(zip(records.header, fields))
+
+
+def _columns(row: dict, path: Path, specs) -> list[str | None]:
+    """Column names for each (configured name, conventional names, role, key, required)."""
+    header = list(row)
+    return [None if (i := pick_column(header, *spec[:2], path, *spec[2:])) is None else header[i] for spec in specs]
 
 
 def read_table(cfg: PrepareConfig) -> SourceData:
@@ -283,30 +268,36 @@ def read_table(cfg: PrepareConfig) -> SourceData:
     path = Path(cfg.input)
     if path.is_dir():
         raise DataError(f"{path}: the table source reads one file; pass the interaction file as --input")
-    seen_header: dict[tuple, tuple] = {}  # JSONL rows may each carry their own keys
-    for header, line, values in _table_rows(ctx, path, ctx.inter_counts):
-        key = tuple(header)
-        if key not in seen_header:
-            seen_header[key] = tuple(
-                pick_column(header, wanted, names, path, role, k, req) for wanted, names, role, k, req in (
-                    (cols.user, USER_NAMES, "user id", "user", True),
-                    (cols.item, ITEM_NAMES, "item id", "item", True),
-                    (cols.timestamp, TIME_NAMES, "time", "timestamp", False),
-                    (cols.rating, ("rating",), "rating", "rating", False),
-                    (cols.event, ("event", "event_type"), "event", "event", False),
-                    (cols.weight, ("weight",), "weight", "weight", False)))
-        idx = seen_header[key]
-        ctx.interactions.add(path, line, *[None if i is None else values[i] for i in idx])
+    names = None
+    for line, row in _table_rows(ctx, path, ctx.inter_counts):
+        if names is None:  # resolved from the first row (JSONL rows may omit keys: None below)
+            names = _columns(row, path, [
+                (cols.user, USER_NAMES, "user id", "user", True),
+                (cols.item, ITEM_NAMES, "item id", "item", True),
+                (cols.timestamp, TIME_NAMES, "time", "timestamp", False),
+                (cols.rating, ("rating",), "rating", "rating", False),
+                (cols.event, ("event", "event_type"), "event", "event", False),
+                (cols.weight, ("weight",), "weight", "weight", False)])
+        # a column the table has but this row lacks reads as "", which the checks reject
+        ctx.interactions.add(path, line, *[None if n is None else _present(row.get(n)) for n in names])
     with_items = cfg.items is not None
     if with_items:
         item_path = Path(cfg.items)
-        extra = cols.text or []
-        for header, line, values in _table_rows(ctx, item_path, ctx.item_counts):
-            i_id = pick_column(header, cols.item_id, ITEM_NAMES, item_path, "item id", "item_id")
-            i_title = pick_column(header, cols.title, TITLE_NAMES, item_path, "title", "title", False)
-            i_cat = pick_column(header, cols.categories, CATEGORY_NAMES, item_path, "categories", "categories", False)
-            extras = {n: values[pick_column(header, n, (), item_path, "text", "text")] for n in extra}
-            ctx.items.add(item_path, line, values[i_id], "" if i_title is None else values[i_title], extras,
-                          None if i_cat is None else values[i_cat])
-    has_time = any(idx[2] is not None for idx in seen_header.values())
+        item_names = None
+        for line, row in _table_rows(ctx, item_path, ctx.item_counts):
+            if item_names is None:
+                item_names = _columns(row, item_path, [
+                    (cols.item_id, ITEM_NAMES, "item id", "item_id", True),
+                    (cols.title, TITLE_NAMES, "title", "title", False),
+                    (cols.categories, CATEGORY_NAMES, "categories", "categories", False)])
+                for name in cols.text or []:
+                    pick_column(list(row), name, (), item_path, "text", "text")
+            i_id, i_title, i_cat = item_names
+            ctx.items.add(item_path, line, _present(row.get(i_id)), row.get(i_title) if i_title else "",
+                          {n: row.get(n) for n in cols.text or []}, row.get(i_cat) if i_cat else None)
+    has_time = names is not None and names[2] is not None
     return ctx.result("timestamp" if has_time else "file order", with_items=with_items)
+
+
+def _present(value):
+    return "" if value is None else value

@@ -84,81 +84,88 @@ def require_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def iter_records(
-    path: str | Path,
-    *,
-    delimiter: str,
-    encoding: str,
-    bad: BadRows,
-    quoting: bool = True,
-    progress: bool = False,
-) -> Iterator[tuple[int, list[str]]]:
-    """Yield `(line_number, fields)` for each record of a delimited text file, header included.
+class Records:
+    """Iterate `(line_number, fields)` over the records of a delimited text file, header included.
 
     `quoting=True` follows CSV quoting (RecBole and pandas read atomic files this way, and
-    Amazon titles span lines inside quotes); `quoting=False` splits on `delimiter` as a
-    plain string (MovieLens `::`). Lines that do not decode are rejected through `bad`.
-    Blank lines hold no row and are skipped.
+    Amazon titles span lines inside quotes); `quoting=False` splits on `delimiter` as a plain
+    string (MovieLens `::`). Set `header` (the column names) once the header is read: from
+    then on a record with another number of fields is rejected, with every line it spans
+    counted. Lines that do not decode are rejected; a bad header line is an error whatever
+    the policy. A UTF-8 byte-order mark is dropped. Blank lines hold no row and are skipped.
     """
-    path = Path(path)
-    bad_lines: set[int] = set()
 
-    def reject(line, reason, detail, rows=1):
-        bad.counts.rows_read += rows  # rows that never reach the caller are still rows read
-        bad.reject(path, line, reason, detail, rows)
+    def __init__(self, path: str | Path, *, delimiter: str, encoding: str, bad: BadRows,
+                 quoting: bool = True, progress: bool = False):
+        self.path, self.delimiter, self.encoding = Path(path), delimiter, encoding
+        self.bad, self.quoting, self.progress = bad, quoting, progress
+        self.header: list[str] | None = None
+        self._bad_lines: set[int] = set()
 
-    def decoded(fh) -> Iterator[str]:
-        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"read {path.name}",
-                   disable=not progress, leave=False, mininterval=0.5)
+    def _reject(self, line: int, reason: str, detail: str, rows: int = 1) -> None:
+        if self.header is None and line <= 1:
+            raise DataError(f"{self.path}:{line}: {detail} (the header line must be readable)")
+        self.bad.counts.rows_read += rows  # rows that never reach the caller are still rows read
+        self.bad.reject(self.path, line, reason, detail, rows)
+
+    def _decoded(self, fh) -> Iterator[str]:
+        bar = tqdm(total=self.path.stat().st_size, unit="B", unit_scale=True, desc=f"read {self.path.name}",
+                   disable=not self.progress, leave=False, mininterval=0.5)
         pending = 0
         for number, raw in enumerate(fh, 1):
             pending += len(raw)
             if pending > 1 << 20:
                 bar.update(pending)
                 pending = 0
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             try:
-                yield raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                bad_lines.add(number)
-                yield raw.decode(encoding, "replace")
+                yield raw.decode(self.encoding)
+            except UnicodeDecodeError:
+                self._bad_lines.add(number)
+                yield raw.decode(self.encoding, "replace")
         bar.update(pending)
         bar.close()
 
-    with open(path, "rb") as fh:
-        if quoting:
-            reader = csv.reader(decoded(fh), delimiter=delimiter, quotechar='"')
-            last = 0
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as e:
-                    reject(reader.line_num, "unparsable_row", f"cannot parse the row ({e})")
-                    last = reader.line_num
-                    continue
-                first, last = last + 1, reader.line_num
-                span = range(first, last + 1)
-                if not fields:
-                    continue
-                if bad_lines and any(n in bad_lines for n in span):
-                    reject(first, "bad_encoding", f"the line is not valid {encoding}")
-                    continue
-                if last - first >= MAX_RECORD_LINES:
-                    reject(first, "unterminated_quote",
-                           f"a quoted field opened on this line is not closed before line {last}",
-                           rows=last - first + 1)
-                    continue
-                yield first, fields
-        else:
-            for number, line in enumerate(decoded(fh), 1):
+    def _raw_records(self, fh) -> Iterator[tuple[int, int, list[str]]]:
+        """(first line, last line, fields) of each non-blank record."""
+        if not self.quoting:
+            for number, line in enumerate(self._decoded(fh), 1):
                 line = line.rstrip("\r\n")
-                if not line:
-                    continue
-                if number in bad_lines:
-                    reject(number, "bad_encoding", f"the line is not valid {encoding}")
-                    continue
-                yield number, line.split(delimiter)
+                if line:
+                    yield number, number, line.split(self.delimiter)
+            return
+        reader = csv.reader(self._decoded(fh), delimiter=self.delimiter, quotechar='"')
+        last = 0
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                self._reject(reader.line_num, "unparsable_row", f"cannot parse the row ({e})",
+                             rows=reader.line_num - last)
+                last = reader.line_num
+                continue
+            first, last = last + 1, reader.line_num
+            if fields:
+                yield first, last, fields
+
+    def __iter__(self) -> Iterator[tuple[int, list[str]]]:
+        with open(self.path, "rb") as fh:
+            for first, last, fields in self._raw_records(fh):
+                span = last - first + 1
+                if any(n in self._bad_lines for n in range(first, last + 1)):
+                    self._reject(first, "bad_encoding", f"the line is not valid {self.encoding}", rows=span)
+                elif span > MAX_RECORD_LINES:
+                    self._reject(first, "unterminated_quote",
+                                 f"a quoted field opened on this line is not closed before line {last}", rows=span)
+                elif self.header is not None and len(fields) != len(self.header):
+                    where = f" (a quoted field runs from line {first} to {last})" if span > 1 else ""
+                    self._reject(first, "wrong_column_count", f"expected {len(self.header)} columns "
+                                 f"({', '.join(self.header)}), found {len(fields)}{where}", rows=span)
+                else:
+                    yield first, fields
 
 
 def parse_float(text: str) -> float:

@@ -39,6 +39,8 @@ SHARD_PATTERN = "train-%05d.tar"
 def write_shards(samples: list[dict], out_dir: Path, samples_per_shard: int, progress: bool = False) -> list[dict]:
     """Write samples (`key`, `user`, `history`, `target`) into tars; return the shard list."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not samples:
+        return []
     counts: list[int] = []
     with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=samples_per_shard, mtime=0, verbose=0) as sink:
         for i, sample in enumerate(samples):
@@ -184,14 +186,22 @@ class ShardedSamples(IterableDataset):
             yield collate(batch, self.max_history)
 
 
-def collate(samples: list[dict], max_history: int = 0) -> dict:
-    """Left-pad histories (the most recent item last) to the batch's longest, -1 as padding."""
-    histories = [s["history"][-max_history:] if max_history else s["history"] for s in samples]
+def left_pad(histories, max_history: int = 0) -> torch.Tensor:
+    """(B, L) long tensor of histories, the most recent item last, -1 as padding, L = the
+    longest history (after keeping at most `max_history` recent items; 0 = all)."""
+    histories = [h[-max_history:] if max_history else h for h in histories]
     width = max((len(h) for h in histories), default=0)
-    padded = torch.full((len(samples), max(width, 1)), -1, dtype=torch.long)
+    padded = torch.full((len(histories), max(width, 1)), -1, dtype=torch.long)
     for row, h in enumerate(histories):
-        if h:
+        if len(h):
             padded[row, width - len(h):] = torch.as_tensor(h, dtype=torch.long)
+    return padded
+
+
+def collate(samples: list[dict], max_history: int = 0) -> dict:
+    """Batch of samples: histories left-padded (`left_pad`), ids and targets as tensors."""
+    histories = [s["history"][-max_history:] if max_history else s["history"] for s in samples]
+    padded = left_pad(histories)
     return {
         "keys": [s["key"] for s in samples],
         "user": torch.tensor([s["user"] for s in samples], dtype=torch.long),

@@ -65,12 +65,17 @@ def parse_time(text) -> float:
 
 
 def id_text(value) -> str:
-    """An id as text: 12 and 12.0 both become '12' (Parquet/JSON give numbers)."""
-    if value is None:
+    """An id as text: 12 and 12.0 both become '12' (Parquet/JSON give numbers). Anything that
+    cannot be an id (None, NaN, lists, objects, text with tabs or line breaks) becomes ''."""
+    if value is None or isinstance(value, (dict, list, tuple, bool)):
         return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ""
+        if value.is_integer():
+            return str(int(value))
+    text = str(value).strip()
+    return "" if any(c in text for c in "\t\n\r") else text
 
 
 class InteractionRows:
@@ -92,7 +97,8 @@ class InteractionRows:
         user, item = id_text(user), id_text(item)
         if not user or not item:
             which = "user" if not user else "item"
-            self.bad.reject(path, line, f"empty_{which}_id", f"empty {which} id (expected a non-empty {which} id)")
+            self.bad.reject(path, line, f"bad_{which}_id",
+                            f"empty or invalid {which} id (expected a non-empty {which} id on one line)")
             return
         try:
             ts = math.nan if timestamp is None else parse_time(timestamp)
@@ -115,7 +121,7 @@ class InteractionRows:
         self.rating.append(numbers[1])
         self.weight.append(numbers[2])
         self.event.append(None if event is None else str(event))
-        self.line.append(line if isinstance(line, int) else len(self.line) + 1)
+        self.line.append(line)
         self.path = str(path)
 
     def frame(self) -> pd.DataFrame:
@@ -152,7 +158,8 @@ class ItemRows:
         self.bad.counts.rows_read += 1
         item = id_text(item)
         if not item:
-            self.bad.reject(path, line, "empty_item_id", "empty item id (expected a non-empty item id)")
+            self.bad.reject(path, line, "bad_item_id",
+                            "empty or invalid item id (expected a non-empty item id on one line)")
             return
         if item in self.seen:
             self.bad.reject(path, line, "duplicate_item", f"item id {item!r} already defined earlier in the catalog")

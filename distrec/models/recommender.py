@@ -1,0 +1,158 @@
+"""The two-tower recommender scored by dot product (after HLLM, ByteDance 2024).
+
+Item tower: the (PEFT-tuned) backbone reads the item's text, pooled and projected to
+`dim`; optionally plus a learned ID embedding (`item_repr: text | id | text+id`).
+User tower: a small causal transformer over the user's history of item vectors; the state
+after the last item is the user vector, and the state after every item predicts the next
+one in training (SASRec's objective).
+
+Affordable on CPU: item text is tokenised once; the pooled backbone output of every item
+sits in a cache that training refreshes every N steps, while each step encodes a bounded
+set of "live" items (the batch's targets first) through the backbone with gradients. The
+projection and ID embeddings apply to the whole cached table on every step, so they learn
+from every position and the full-catalog softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distrec.models import losses
+from distrec.models.backbone import pool
+from distrec.models.config import ModelConfig
+
+
+@dataclass
+class Objective:
+    """How `Recommender.forward` turns states into a loss (set by the training code)."""
+
+    kind: str = "softmax"  # softmax | sampled_softmax | bce
+    num_negatives: int = 256
+    bce_negatives: int = 4
+    pos_weight: float = 1.0
+    log_q: torch.Tensor | None = None
+
+
+class UserTower(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.max_len, self.heads = cfg.max_len, cfg.heads
+        self.positions = nn.Embedding(cfg.max_len, cfg.dim)  # by recency: 0 = the latest item
+        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.dim * cfg.ffn_mult, cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False) if cfg.layers else None
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """items (B, L, d) left-padded, valid (B, L) -> states (B, L, d)."""
+        batch, length, _ = items.shape
+        recency = torch.arange(length - 1, -1, -1, device=items.device).clamp(max=self.max_len - 1)
+        x = self.dropout(items + self.positions(recency)) * valid.unsqueeze(-1)
+        if self.blocks is not None:
+            # causal, padding keys hidden, every position may see itself (no all-masked rows -> no NaN)
+            blocked = torch.ones(length, length, dtype=torch.bool, device=items.device).triu(1)
+            blocked = (blocked.unsqueeze(0) | ~valid.unsqueeze(1)) & ~torch.eye(length, dtype=torch.bool,
+                                                                                 device=items.device)
+            mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device).masked_fill(blocked, float("-inf"))
+            x = self.blocks(x, mask=mask.repeat_interleave(self.heads, dim=0))
+        return self.norm(x)
+
+
+class Recommender(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_items: int, backbone: nn.Module | None = None,
+                 tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None, pooling: str = "mean"):
+        super().__init__()
+        self.cfg, self.num_items = cfg, num_items
+        self.uses_text = cfg.item_repr in ("text", "text+id")
+        self.uses_id = cfg.item_repr in ("id", "text+id")
+        self.objective = Objective()
+        if self.uses_text:
+            if backbone is None or tokens is None:
+                raise ValueError("a text item tower needs a backbone and the catalog's tokens")
+            self.backbone, self.pooling = backbone, pooling
+            hidden = backbone.config.hidden_size
+            self.project = nn.Linear(hidden, cfg.dim)
+            self.register_buffer("item_tokens", tokens, persistent=False)
+            self.register_buffer("item_lengths", lengths, persistent=False)
+            self.register_buffer("pooled_cache", torch.zeros(num_items, hidden), persistent=False)
+        if self.uses_id:
+            self.item_embedding = nn.Embedding(num_items, cfg.dim)
+            # beside text, IDs start at zero so unseen (cold) items are scored by their text alone
+            nn.init.normal_(self.item_embedding.weight, std=0.02) if not self.uses_text \
+                else nn.init.zeros_(self.item_embedding.weight)
+        self.item_dropout = nn.Dropout(cfg.dropout)
+        self.user_tower = UserTower(cfg)
+
+    # -- items ---------------------------------------------------------------------------
+    def encode_text(self, items: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone output (n, H) of items, padded to their own longest text."""
+        lengths = self.item_lengths[items]
+        width = int(lengths.max())
+        ids = self.item_tokens[items, :width].long()
+        mask = torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return pool(hidden, mask, self.pooling).float()
+
+    @torch.no_grad()
+    def refresh_cache(self, batch_size: int = 256) -> None:
+        """Re-encode the whole catalog into the pooled cache (backbone in eval mode)."""
+        if not self.uses_text:
+            return
+        was_training = self.backbone.training
+        self.backbone.eval()
+        # longest texts first, so each batch pads to a similar width
+        order = torch.argsort(self.item_lengths, descending=True)
+        for start in range(0, self.num_items, batch_size):
+            chunk = order[start:start + batch_size]
+            self.pooled_cache[chunk] = self.encode_text(chunk)
+        self.backbone.train(was_training)
+
+    def item_table(self, live_items: torch.Tensor | None = None, live_pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, d) vectors of the whole catalog; rows of `live_items` from `live_pooled` (with gradients)."""
+        table = 0
+        if self.uses_text:
+            pooled = self.pooled_cache
+            if live_items is not None:
+                pooled = pooled.index_put((live_items,), live_pooled)
+            table = self.project(pooled)
+        if self.uses_id:
+            table = table + self.item_embedding.weight
+        return table
+
+    # -- users ---------------------------------------------------------------------------
+    def user_states(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """history (B, L) left-padded with -1 -> states (B, L, d)."""
+        history = history[:, -self.cfg.max_len:]
+        valid = history >= 0
+        items = self.item_dropout(table[history.clamp(min=0)]) * valid.unsqueeze(-1)
+        return self.user_tower(items, valid)
+
+    def user_vectors(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(B, d): the state after each user's latest item."""
+        return self.user_states(history, table)[:, -1]
+
+    # -- training ------------------------------------------------------------------------
+    def forward(self, history: torch.Tensor, target: torch.Tensor, live_items: torch.Tensor | None = None):
+        """Loss of predicting each next item: history[t+1] from position t, target from the last.
+
+        Returns (loss, live_pooled) so the caller can write fresh rows into the cache.
+        """
+        history = history[:, -self.cfg.max_len:]
+        live_pooled = self.encode_text(live_items) if live_items is not None else None
+        table = self.item_table(live_items, live_pooled)
+        labels = torch.cat([history[:, 1:], target.unsqueeze(1)], dim=1)
+        valid = history >= 0
+        states = self.user_states(history, table)[valid]
+        labels = labels[valid]
+        o = self.objective
+        if o.kind == "softmax":
+            loss = losses.full_softmax(states, labels, table)
+        elif o.kind == "sampled_softmax":
+            loss = losses.sampled_softmax(states, labels, table, o.num_negatives, o.log_q)
+        else:
+            loss = losses.binary_cross_entropy(states, labels, table, o.bce_negatives, o.pos_weight)
+        return loss, live_pooled

@@ -1,0 +1,136 @@
+"""The run directory: the one place that writes and reads a trained model.
+
+    RUN/config.yaml              resolved training config
+    RUN/tokenizer/               the backbone's tokenizer (text models)
+    RUN/best/, RUN/final/        a model checkpoint:
+        model.json               model + PEFT settings, catalog size, item ids
+        heads.safetensors        projection, ID embeddings, user tower
+        adapter/                 PEFT adapters (save_pretrained) or Houlsby adapters
+        backbone.safetensors     full fine-tuning only
+    RUN/last/                    resume state (accelerate save_state) + trainer_state.json
+    RUN/metrics.jsonl, RUN/results.json, RUN/tb/
+
+Scoring and evaluation load runs with `load_model`, without importing the training code.
+Everything loads with safetensors or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distrec.config import ConfigError, from_dict
+from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
+from distrec.models.config import ModelConfig, PeftConfig
+from distrec.models.peft_methods import apply_peft, load_backbone_weights, save_backbone
+from distrec.models.recommender import Recommender
+
+HEADS = "heads.safetensors"
+MODEL_JSON = "model.json"
+
+
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFrame, total_steps: int,
+                backbone=None, tokenizer=None):
+    """A fresh Recommender for the catalog `items` (items.parquet); (model, tokenizer).
+    `backbone`/`tokenizer` may be given already loaded (and already PEFT-wrapped)."""
+    if model_cfg.item_repr == "id":
+        return Recommender(model_cfg, len(items)), None
+    if backbone is None:
+        backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code)
+        backbone = apply_peft(backbone, peft_cfg, total_steps)
+    tokens, lengths = tokenize_catalog(tokenizer, items["text"].tolist(), model_cfg.max_text_tokens)
+    pooling = pooling_for(backbone.base_model if hasattr(backbone, "peft_config") else backbone, model_cfg.pooling)
+    return Recommender(model_cfg, len(items), backbone, tokens, lengths, pooling), tokenizer
+
+
+def head_state(model: Recommender, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every trained weight outside the backbone."""
+    state = model.state_dict() if state is None else state
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("backbone.")}
+
+
+def save_model(model: Recommender, directory: Path, peft_cfg: PeftConfig, item_ids: list[str],
+               state: dict | None = None) -> None:
+    """Write a checkpoint atomically (temp directory, then rename)."""
+    directory = Path(directory)
+    staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(head_state(model, state), str(staging / HEADS))
+    if model.uses_text:
+        backbone_state = None if state is None else {k[len("backbone."):]: v for k, v in state.items()
+                                                     if k.startswith("backbone.")}
+        save_backbone(model.backbone, peft_cfg.method, staging, backbone_state)
+    (staging / MODEL_JSON).write_text(json.dumps({
+        "model": asdict(model.cfg), "peft": asdict(peft_cfg), "num_items": model.num_items,
+        "pooling": getattr(model, "pooling", None), "item_ids": list(item_ids)}))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+
+
+def read_model_json(directory: Path) -> dict:
+    path = Path(directory) / MODEL_JSON
+    if not path.is_file():
+        raise ConfigError(f"{directory}: not a distrec checkpoint (no {MODEL_JSON})")
+    return json.loads(path.read_text())
+
+
+def _load_heads(directory: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(Path(directory) / HEADS))
+    except Exception as e:  # safetensors raises several types for corrupt or missing files
+        raise ConfigError(f"{Path(directory) / HEADS}: cannot read the checkpoint ({e})") from None
+
+
+def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokenizer_dir: str | Path | None = None) -> Recommender:
+    """Rebuild a checkpoint. With `items` (a newer catalog), item rows are matched by original
+    id: known items keep their trained ID vectors, new ones start from zero (text scores them)."""
+    directory = Path(directory)
+    meta = read_model_json(directory)
+    model_cfg, peft_cfg = from_dict(ModelConfig, meta["model"]), from_dict(PeftConfig, meta["peft"])
+    if items is None:
+        items = pd.DataFrame({"item_id": meta["item_ids"], "text": [""] * meta["num_items"]})
+        if model_cfg.item_repr != "id":
+            raise ConfigError("loading a text model needs the catalog (items.parquet) for the item text")
+    backbone = tokenizer = None
+    if model_cfg.item_repr != "id":
+        backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code)
+        if tokenizer_dir is not None and Path(tokenizer_dir).exists():
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        backbone = load_backbone_weights(backbone, peft_cfg.method, directory)
+    model, _ = build_model(model_cfg, peft_cfg, items, 1, backbone, tokenizer)
+    heads = _load_heads(directory)
+    if list(items["item_id"]) != meta["item_ids"]:
+        heads = _remap_items(heads, meta["item_ids"], list(items["item_id"]))
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ConfigError(f"{directory}: checkpoint does not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    return model
+
+
+def _remap_items(heads: dict, old_ids: list[str], new_ids: list[str]) -> dict:
+    if "item_embedding.weight" not in heads:
+        return heads
+    old = heads["item_embedding.weight"]
+    new = torch.zeros(len(new_ids), old.shape[1], dtype=old.dtype)
+    position = {item: i for i, item in enumerate(old_ids)}
+    for row, item in enumerate(new_ids):
+        if item in position:
+            new[row] = old[position[item]]
+    return {**heads, "item_embedding.weight": new}
+
+
+def trainable_backbone(model: nn.Module) -> bool:
+    return getattr(model, "uses_text", False) and any(p.requires_grad for p in model.backbone.parameters())
