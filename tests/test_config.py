@@ -5,10 +5,11 @@ import yaml
 
 from distrec.config import ConfigError, load_config, parse_override, save_config, to_dict
 from distrec.data.config import PrepareConfig
+from distrec.train.config import TrainConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 # which schema validates the YAML files of each configs/ folder
-SCHEMAS = {"prepare": PrepareConfig}
+SCHEMAS = {"prepare": PrepareConfig, "train": TrainConfig}
 
 
 def test_defaults_and_override_types():

@@ -194,7 +194,7 @@ def left_pad(histories, max_history: int = 0) -> torch.Tensor:
     padded = torch.full((len(histories), max(width, 1)), -1, dtype=torch.long)
     for row, h in enumerate(histories):
         if len(h):
-            padded[row, width - len(h):] = torch.as_tensor(h, dtype=torch.long)
+            padded[row, width - len(h):] = torch.from_numpy(np.array(h, dtype=np.int64))
     return padded
 
 

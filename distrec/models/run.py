@@ -108,7 +108,8 @@ def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokeniz
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         backbone = load_backbone_weights(backbone, peft_cfg.method, directory)
-    model, _ = build_model(model_cfg, peft_cfg, items, 1, backbone, tokenizer)
+    model, tokenizer = build_model(model_cfg, peft_cfg, items, 1, backbone, tokenizer)
+    model.tokenizer = tokenizer  # for callers that save it beside a continued run
     heads = _load_heads(directory)
     if list(items["item_id"]) != meta["item_ids"]:
         heads = _remap_items(heads, meta["item_ids"], list(items["item_id"]))

@@ -1,0 +1,1 @@
+"""Training: the loop (accelerate), its config, and full-ranking validation."""

@@ -1,0 +1,51 @@
+"""Full-ranking evaluation of a model on a split (validation during training, test at the end).
+
+Users are split over processes with the same number of batches on every rank (ZeRO-3
+needs every rank in every forward) and the ranks gathered, so the figures do not depend
+on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from distrec.data.shards import left_pad
+from distrec.metrics import exclude_history, ranking_metrics, target_ranks
+
+
+@torch.no_grad()
+def split_ranks(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, batch_size: int) -> np.ndarray:
+    """Expected rank of every user's target in `frame` (user, history, target), in frame order."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_rank = math.ceil(len(frame) / world)
+    mine = frame.iloc[rank * per_rank:(rank + 1) * per_rank]
+    steps = math.ceil(per_rank / batch_size)
+    device = table.device
+    out = torch.full((per_rank,), float("nan"), dtype=torch.float64, device=device)
+    for step in range(steps):
+        chunk = mine.iloc[step * batch_size:(step + 1) * batch_size]
+        if len(chunk) == 0:  # keep in step with the other ranks
+            model.user_vectors(torch.full((1, 1), -1, dtype=torch.long, device=device), table)
+            continue
+        history = left_pad(list(chunk["history"]), model.cfg.max_len).to(device)
+        targets = torch.as_tensor(chunk["target"].to_numpy(), dtype=torch.long, device=device)
+        with accelerator.autocast():
+            users = model.user_vectors(history, table)
+        scores = exclude_history(users.float() @ table.float().T, history, targets)
+        out[step * batch_size:step * batch_size + len(chunk)] = target_ranks(scores, targets)
+    gathered = accelerator.gather(out).cpu().numpy()
+    return gathered[:len(frame)]
+
+
+def evaluate(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, batch_size: int,
+             slices: dict[str, np.ndarray] | None = None) -> dict:
+    """Metrics over all users of `frame`, plus one entry per boolean slice mask."""
+    ranks = torch.from_numpy(split_ranks(model, frame, table, accelerator, batch_size))
+    result = {"all": ranking_metrics(ranks)}
+    for name, mask in (slices or {}).items():
+        result[name] = ranking_metrics(ranks[torch.from_numpy(np.asarray(mask, dtype=bool))])
+    return result
