@@ -33,8 +33,9 @@ def resolve(name: str) -> str:
     return name  # a hub name: loads if it is cached or the hub is reachable
 
 
-def load_backbone(name: str, trust_remote_code: bool = False):
-    """(model, tokenizer) from a path, alias or hub name; a clear error if it cannot load."""
+def load_backbone(name: str, trust_remote_code: bool = False, dropout: float | None = None):
+    """(model, tokenizer) from a path, alias or hub name; a clear error if it cannot load.
+    `dropout` replaces the probability of every dropout inside the backbone."""
     path = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -45,6 +46,10 @@ def load_backbone(name: str, trust_remote_code: bool = False):
                           "with config.json and weights, or a packaged alias such as all-MiniLM-L6-v2") from None
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused (we pool ourselves); left in, DDP would flag unused parameters
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model, tokenizer

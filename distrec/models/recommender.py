@@ -41,6 +41,8 @@ class UserTower(nn.Module):
         super().__init__()
         self.max_len, self.heads = cfg.max_len, cfg.heads
         self.positions = nn.Embedding(cfg.max_len, cfg.dim)  # by recency: 0 = the latest item
+        # small, like the item vectors: at N(0, 1) (torch's default) positions drown the items
+        nn.init.normal_(self.positions.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.dim * cfg.ffn_mult, cfg.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False) if cfg.layers else None

@@ -44,7 +44,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFram
     if model_cfg.item_repr == "id":
         return Recommender(model_cfg, len(items)), None
     if backbone is None:
-        backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code)
+        backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code, model_cfg.backbone_dropout)
         backbone = apply_peft(backbone, peft_cfg, total_steps)
     tokens, lengths = tokenize_catalog(tokenizer, items["text"].tolist(), model_cfg.max_text_tokens)
     pooling = pooling_for(backbone.base_model if hasattr(backbone, "peft_config") else backbone, model_cfg.pooling)
@@ -103,7 +103,7 @@ def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokeniz
             raise ConfigError("loading a text model needs the catalog (items.parquet) for the item text")
     backbone = tokenizer = None
     if model_cfg.item_repr != "id":
-        backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code)
+        backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code, model_cfg.backbone_dropout)
         if tokenizer_dir is not None and Path(tokenizer_dir).exists():
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

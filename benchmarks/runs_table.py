@@ -1,0 +1,55 @@
+"""Summarise finished training runs (their results.json) as a Markdown table.
+
+    python benchmarks/runs_table.py --title "ML-1M, leave-one-out, full ranking" runs/ml1m_id runs/...
+
+Every row names the data set, model, PEFT method, seed, steps and wall time of its run;
+test figures are read once per run (the best validation checkpoint, PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def row(run: Path) -> str:
+    results = json.loads((run / "results.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    data = Path(cfg["data"]["dir"]).name
+    model = cfg["model"]["item_repr"] + ("" if cfg["model"]["item_repr"] == "id" else f" ({Path(cfg['model']['backbone']).name})")
+    method = "-" if cfg["model"]["item_repr"] == "id" else cfg["peft"]["method"]
+    t, cold, warm = results["test"], results["test_cold"], results["test_warm"]
+    fmt = lambda m: f"{m['ndcg@10']:.4f} / {m['hr@10']:.4f}" if m["users"] else "-"  # noqa: E731
+    return (f"| {run.name} | {data} | {model} | {method} | {cfg['seed']} | {results['parameters']['trainable']:,} | "
+            f"{results['valid']['ndcg@10']:.4f} | {fmt(t)} | {fmt(cold)} ({cold['users']}) | {fmt(warm)} | "
+            f"{results['steps']} ({results['epochs']} ep) | {results['samples_per_s']:.0f} | {results['seconds'] / 60:.1f} min |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--title", default="training runs")
+    parser.add_argument("--command", action="append", default=[], help="command that made the runs (repeatable)")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    lines = [f"## {args.title}", "", *[f"`{c}`  " for c in args.command], "",
+             "| run | data | items from | PEFT | seed | trainable params | valid NDCG@10 | test NDCG@10 / HR@10 | "
+             "cold items (users) | warm items | steps | samples/s | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             *[row(r) for r in args.runs], ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_append:
+        with open(ROOT / "BENCHMARKS.md", "a") as fh:
+            fh.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
