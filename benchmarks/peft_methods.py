@@ -10,7 +10,6 @@ Appends the table to BENCHMARKS.md with the command.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config file or override that does not match its schema."""
 
 
+def doc(text: str, **kwargs):
+    """A dataclass field with its help text (shown by `--help-config`)."""
+    return dataclasses.field(metadata={"help": text}, **kwargs)
+
+
 def _nearest(name: str, choices: list[str]) -> str:
     match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""

@@ -52,7 +52,7 @@ def test_agrees_with_a_plain_python_ranking_on_random_cases():
 
 
 def test_agrees_with_torchmetrics_without_ties():
-    torchmetrics = pytest.importorskip("torchmetrics")
+    pytest.importorskip("torchmetrics")
     from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
 
     gen = torch.Generator().manual_seed(1)

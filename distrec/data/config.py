@@ -9,47 +9,46 @@ import codecs
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from distrec.config import doc
+
 SOURCES = ("recbole", "movielens", "p5", "table", "synthetic")
 
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class ColumnsConfig:
     """Which input columns mean what. `null` = the source's convention (auto-detected)."""
 
-    user: Optional[str] = _help("interaction column holding the user id", default=None)
-    item: Optional[str] = _help("interaction column holding the item id", default=None)
-    timestamp: Optional[str] = _help("interaction column holding the time (number or ISO date)", default=None)
-    rating: Optional[str] = _help("interaction column holding an explicit rating", default=None)
-    event: Optional[str] = _help("interaction column holding the event type (view, cart, buy...)", default=None)
-    weight: Optional[str] = _help("interaction column holding a sample weight", default=None)
-    item_id: Optional[str] = _help("catalog column holding the item id", default=None)
-    title: Optional[str] = _help("catalog column holding the item title", default=None)
-    text: Optional[list[str]] = _help("further catalog columns joined into the item text (brand, year...)", default=None)
-    categories: Optional[str] = _help("catalog column holding the item's categories", default=None)
-    category_separator: str = _help(
+    user: Optional[str] = doc("interaction column holding the user id", default=None)
+    item: Optional[str] = doc("interaction column holding the item id", default=None)
+    timestamp: Optional[str] = doc("interaction column holding the time (number or ISO date)", default=None)
+    rating: Optional[str] = doc("interaction column holding an explicit rating", default=None)
+    event: Optional[str] = doc("interaction column holding the event type (view, cart, buy...)", default=None)
+    weight: Optional[str] = doc("interaction column holding a sample weight", default=None)
+    item_id: Optional[str] = doc("catalog column holding the item id", default=None)
+    title: Optional[str] = doc("catalog column holding the item title", default=None)
+    text: Optional[list[str]] = doc("further catalog columns joined into the item text (brand, year...)", default=None)
+    categories: Optional[str] = doc("catalog column holding the item's categories", default=None)
+    category_separator: str = doc(
         "how a categories value splits: 'auto' (a quoted list like 'a', 'b'; else '|'; else whitespace) "
         "or a literal separator", default="auto")
-    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = _help(
+    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = doc(
         "file format of the table source (auto = from the extension)", default="auto")
 
 
 @dataclass
 class FilterConfig:
-    min_rating: Optional[float] = _help("keep interactions with rating >= this (null keeps all)", default=None)
-    events: Optional[list[str]] = _help("keep only these event types (null keeps all)", default=None)
-    dedupe: Literal["none", "exact", "first"] = _help(
+    min_rating: Optional[float] = doc("keep interactions with rating >= this (null keeps all)", default=None)
+    events: Optional[list[str]] = doc("keep only these event types (null keeps all)", default=None)
+    dedupe: Literal["none", "exact", "first"] = doc(
         "'exact' drops rows repeating (user, item, timestamp); 'first' keeps only a user's first "
         "interaction with an item; 'none' keeps repeats", default="exact")
-    min_user_interactions: int = _help("k-core: drop users with fewer interactions", default=0)
-    min_item_interactions: int = _help("k-core: drop items with fewer interactions", default=0)
-    kcore: Literal["iterative", "once"] = _help(
+    min_user_interactions: int = doc("k-core: drop users with fewer interactions", default=0)
+    min_item_interactions: int = doc("k-core: drop items with fewer interactions", default=0)
+    kcore: Literal["iterative", "once"] = doc(
         "'iterative' repeats the user/item filters until both hold; 'once' applies items then users once",
         default="iterative")
-    keep_unseen_items: bool = _help(
+    keep_unseen_items: bool = doc(
         "keep catalog items that no interaction mentions (rankable cold items)", default=False)
 
     def __post_init__(self):
@@ -59,15 +58,15 @@ class FilterConfig:
 
 @dataclass
 class SplitConfig:
-    mode: Literal["loo", "time"] = _help(
+    mode: Literal["loo", "time"] = doc(
         "'loo': per user, last interaction = test, second-last = validation; "
         "'time': global time cut-offs at the val/test fractions of interactions", default="loo")
-    val_fraction: float = _help("time mode: share of the latest interactions before the test period used for validation", default=0.1)
-    test_fraction: float = _help("time mode: share of the latest interactions used for test", default=0.1)
-    cold_item_fraction: float = _help(
+    val_fraction: float = doc("time mode: share of the latest interactions before the test period used for validation", default=0.1)
+    test_fraction: float = doc("time mode: share of the latest interactions used for test", default=0.1)
+    cold_item_fraction: float = doc(
         "share of items held out of training and validation entirely (their interactions only "
         "appear as test targets)", default=0.0)
-    seed: int = _help("seed of the cold-item draw", default=0)
+    seed: int = doc("seed of the cold-item draw", default=0)
 
     def __post_init__(self):
         for name in ("val_fraction", "test_fraction", "cold_item_fraction"):
@@ -84,12 +83,12 @@ class SplitConfig:
 
 @dataclass
 class ShardsConfig:
-    samples: Literal["user", "prefix"] = _help(
+    samples: Literal["user", "prefix"] = doc(
         "'user': one training sample per user (history + last training item as target); "
         "'prefix': one sample per position of every user's training sequence", default="user")
-    max_history: int = _help("keep at most this many most recent history items per sample (0 = all)", default=200)
-    samples_per_shard: int = _help("samples in each WebDataset tar", default=10000)
-    seed: int = _help("seed of the sample shuffle before sharding", default=0)
+    max_history: int = doc("keep at most this many most recent history items per sample (0 = all)", default=200)
+    samples_per_shard: int = doc("samples in each WebDataset tar", default=10000)
+    seed: int = doc("seed of the sample shuffle before sharding", default=0)
 
     def __post_init__(self):
         if self.samples_per_shard < 1:
@@ -100,17 +99,17 @@ class ShardsConfig:
 
 @dataclass
 class SyntheticConfig:
-    num_users: int = _help("users to generate", default=2000)
-    num_items: int = _help("catalog size, new items included", default=1000)
-    num_categories: int = _help("item categories; each has its own title vocabulary", default=16)
-    mean_length: float = _help("mean interactions per user (minimum 5)", default=20.0)
-    new_item_fraction: float = _help(
+    num_users: int = doc("users to generate", default=2000)
+    num_items: int = doc("catalog size, new items included", default=1000)
+    num_categories: int = doc("item categories; each has its own title vocabulary", default=16)
+    mean_length: float = doc("mean interactions per user (minimum 5)", default=20.0)
+    new_item_fraction: float = doc(
         "share of items released last: they only ever occur as a user's final interaction, so "
         "under leave-one-out they never appear in training (cold start)", default=0.05)
-    cold_target_share: float = _help(
+    cold_target_share: float = doc(
         "chance that a user's final interaction is a new item (when its category has one)", default=0.2)
-    stay_probability: float = _help("chance that the next item shares the last item's category", default=0.5)
-    seed: int = _help("generator seed", default=0)
+    stay_probability: float = doc("chance that the next item shares the last item's category", default=0.5)
+    seed: int = doc("generator seed", default=0)
 
     def __post_init__(self):
         if self.num_users < 1 or self.num_items < 2 or self.num_categories < 1:
@@ -127,14 +126,14 @@ class SyntheticConfig:
 
 @dataclass
 class PrepareConfig:
-    source: Literal["recbole", "movielens", "p5", "table", "synthetic"] = _help(
+    source: Literal["recbole", "movielens", "p5", "table", "synthetic"] = doc(
         "input format: recbole | movielens | p5 | table | synthetic", default="synthetic")
-    input: Optional[str] = _help("interaction file or data-set directory (not used by synthetic)", default=None)
-    items: Optional[str] = _help("item catalog file (default: found beside the input)", default=None)
-    out: Optional[str] = _help("output directory (written atomically)", default=None)
-    overwrite: bool = _help("replace an existing output directory", default=False)
-    encoding: Optional[str] = _help("text encoding of the input files (null = the source's convention)", default=None)
-    on_bad_rows: Literal["error", "skip"] = _help(
+    input: Optional[str] = doc("interaction file or data-set directory (not used by synthetic)", default=None)
+    items: Optional[str] = doc("item catalog file (default: found beside the input)", default=None)
+    out: Optional[str] = doc("output directory (written atomically)", default=None)
+    overwrite: bool = doc("replace an existing output directory", default=False)
+    encoding: Optional[str] = doc("text encoding of the input files (null = the source's convention)", default=None)
+    on_bad_rows: Literal["error", "skip"] = doc(
         "'error' stops at the first malformed row naming file and line; 'skip' drops it and "
         "counts it in the manifest", default="error")
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -142,7 +141,7 @@ class PrepareConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    progress: bool = _help("show progress bars", default=True)
+    progress: bool = doc("show progress bars", default=True)
 
     def __post_init__(self):
         if self.encoding is not None:

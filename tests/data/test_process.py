@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import distrec.data.prepare as prepare_module
-from tests.conftest import Prepared, write
+from tests.conftest import write
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 

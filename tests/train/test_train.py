@@ -2,16 +2,12 @@
 continuing on new logs, and clear errors before any training starts."""
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from distrec.cli import main
-from distrec.config import ConfigError, load_config
 from distrec.train import loop
-from distrec.train.config import TrainConfig
 from tests.tiny import tiny_backbone
 
 
