@@ -1,0 +1,188 @@
+"""Each diversity policy against a slow, obviously-correct per-user reference on random
+cases: the same picks in the same order."""
+
+import numpy as np
+import pytest
+import torch
+
+from distrec import diversity
+
+CASES = [(seed, batch, n, d) for seed, (batch, n, d) in enumerate([(3, 12, 4), (5, 30, 8), (2, 50, 16), (4, 20, 3)])]
+
+
+def _case(seed, batch, n, d, num_categories=4):
+    gen = torch.Generator().manual_seed(seed)
+    relevance = torch.randn(batch, n, generator=gen)
+    vectors = torch.randn(batch, n, d, generator=gen)
+    categories = torch.randint(-1, num_categories, (batch, n), generator=gen)
+    return relevance, vectors, categories
+
+
+def _rescale(r):
+    return (r - r.min()) / max(r.max() - r.min(), 1e-12)
+
+
+def _cos(v):
+    u = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return u @ u.T
+
+
+# --- references: one user at a time, straight from the definitions --------------------
+
+def mmr_reference(rel, vec, k, lam):
+    rel, sim, picked = _rescale(rel), _cos(vec), []
+    for _ in range(k):
+        best, best_value = None, -np.inf
+        for i in range(len(rel)):
+            if i in picked:
+                continue
+            value = (1 - lam) * rel[i] - lam * max((sim[i, j] for j in picked), default=0.0)
+            if value > best_value:
+                best, best_value = i, value
+        picked.append(best)
+    return picked
+
+
+def dpp_reference(rel, vec, k, tradeoff, window=0):
+    """Greedy MAP by brute force: each step adds the item maximising det(L_{S + i})."""
+    alpha = tradeoff / (2 * (1 - tradeoff))
+    q = np.exp(alpha * _rescale(rel))
+    kernel = q[:, None] * _cos(vec) * q[None, :]
+    picked = []
+    for _ in range(k):
+        context = picked[-(window - 1):] if window and window > 1 else ([] if window == 1 else picked)
+        best, best_value = None, -np.inf
+        for i in range(len(rel)):
+            if i in picked:
+                continue
+            chosen = context + [i]
+            value = np.linalg.det(kernel[np.ix_(chosen, chosen)])
+            if value > best_value:
+                best, best_value = i, value
+        picked.append(best)
+    return picked
+
+
+def cap_reference(rel, cats, k, cap):
+    picked, counts = [], {}
+    for _ in range(k):
+        order = sorted((i for i in range(len(rel)) if i not in picked), key=lambda i: -rel[i])
+        allowed = [i for i in order if cats[i] < 0 or counts.get(cats[i], 0) < cap]
+        pick = (allowed or order)[0]
+        picked.append(pick)
+        counts[cats[pick]] = counts.get(cats[pick], 0) + 1
+    return picked
+
+
+def calibration_reference(rel, cats, profile, k, weight, a=0.01):
+    rel = _rescale(rel)
+    picked = []
+    for _ in range(k):
+        best, best_value = None, -np.inf
+        for i in range(len(rel)):
+            if i in picked:
+                continue
+            chosen = picked + [i]
+            q = np.zeros(len(profile))
+            for j in chosen:
+                if cats[j] >= 0:
+                    q[cats[j]] += 1
+            q = q / q.sum() if q.sum() else q
+            q = (1 - a) * q + a * profile
+            kl = sum(p * np.log(p / qc) for p, qc in zip(profile, q) if p > 0)
+            value = (1 - weight) * rel[chosen].sum() - weight * kl
+            if value > best_value:
+                best, best_value = i, value
+        picked.append(best)
+    return picked
+
+
+# --- the checks ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed, batch, n, d", CASES)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.7])
+def test_mmr(seed, batch, n, d, lam):
+    relevance, vectors, _ = _case(seed, batch, n, d)
+    picks = diversity.mmr(relevance, vectors, 6, lam)
+    for b in range(batch):
+        assert picks[b].tolist() == mmr_reference(relevance[b].numpy(), vectors[b].numpy(), 6, lam)
+
+
+@pytest.mark.parametrize("seed, batch, n, d", CASES)
+@pytest.mark.parametrize("tradeoff, window", [(0.5, 0), (0.9, 0), (0.2, 0), (0.7, 3), (0.7, 1)])
+def test_dpp(seed, batch, n, d, tradeoff, window):
+    relevance, vectors, _ = _case(seed, batch, n, d)
+    k = min(d, 6) if not window else 6  # a full-rank kernel can hold at most d items
+    picks = diversity.dpp(relevance, vectors, k, tradeoff, window)
+    for b in range(batch):
+        assert picks[b].tolist() == dpp_reference(relevance[b].double().numpy(), vectors[b].double().numpy(), k,
+                                                  tradeoff, window)
+
+
+def test_dpp_fills_by_relevance_once_the_kernel_is_exhausted():
+    relevance, vectors, _ = _case(0, 2, 10, 2)  # rank 2: only 2 items add volume
+    picks = diversity.dpp(relevance, vectors, 5, 0.5)
+    assert len(set(picks[0].tolist())) == 5
+    rest = [i for i in torch.argsort(relevance[0], descending=True).tolist() if i not in picks[0, :2].tolist()]
+    assert picks[0, 2:].tolist() == rest[:3]
+
+
+@pytest.mark.parametrize("seed, batch, n, d", CASES)
+@pytest.mark.parametrize("cap", [1, 2])
+def test_category_cap(seed, batch, n, d, cap):
+    relevance, _, categories = _case(seed, batch, n, d)
+    picks = diversity.category_cap(relevance, categories, 8, cap)
+    for b in range(batch):
+        assert picks[b].tolist() == cap_reference(relevance[b].numpy(), categories[b].numpy(), 8, cap)
+
+
+@pytest.mark.parametrize("seed, batch, n, d", CASES)
+@pytest.mark.parametrize("weight", [0.0, 0.5, 0.95])
+def test_calibration(seed, batch, n, d, weight):
+    relevance, _, categories = _case(seed, batch, n, d)
+    gen = torch.Generator().manual_seed(seed + 100)
+    profile = torch.rand(batch, 4, generator=gen)
+    profile[:, 0] = 0.0  # a category the user never saw
+    profile = profile / profile.sum(dim=1, keepdim=True)
+    picks = diversity.calibrated(relevance, categories, profile, 6, weight)
+    for b in range(batch):
+        assert picks[b].tolist() == calibration_reference(relevance[b].double().numpy(), categories[b].numpy(),
+                                                          profile[b].double().numpy(), 6, weight)
+
+
+def test_exposure_cap_serves_users_in_order_and_never_exceeds_capacity():
+    gen = torch.Generator().manual_seed(3)
+    items = torch.stack([torch.randperm(20, generator=gen)[:10] for _ in range(8)])
+    relevance = torch.randn(8, 10, generator=gen)
+    shown = torch.zeros(20, dtype=torch.long)
+    picks = diversity.exposure_capped(relevance, items, 3, capacity=2, shown=shown)
+    reference, counts = [], {}
+    for b in range(8):
+        order = sorted(range(10), key=lambda i: -relevance[b, i].item())
+        free = [i for i in order if counts.get(items[b, i].item(), 0) < 2]
+        chosen = (free + [i for i in order if i not in free])[:3]
+        for i in chosen:
+            counts[items[b, i].item()] = counts.get(items[b, i].item(), 0) + 1
+        reference.append(chosen)
+    assert picks.tolist() == reference
+    assert shown.max().item() <= 2 and shown.sum().item() == 24
+
+
+def test_none_is_top_k_with_ties_to_the_better_position():
+    relevance = torch.tensor([[0.5, 0.9, 0.5, 0.1]])
+    assert diversity.top_k(relevance, 3).tolist() == [[1, 0, 2]]
+
+
+def test_strength_zero_is_plain_relevance():
+    relevance, vectors, categories = _case(7, 4, 25, 8)
+    expected = diversity.top_k(relevance, 5)
+    assert torch.equal(diversity.mmr(relevance, vectors, 5, 0.0), expected)
+    assert torch.equal(diversity.category_cap(relevance, categories, 5, 5), expected)
+    profile = torch.full((4, 4), 0.25)
+    assert torch.equal(diversity.calibrated(relevance, categories, profile, 5, 0.0), expected)
+
+
+def test_category_profile():
+    item_categories = torch.tensor([0, 1, 1, -1])
+    profile = diversity.category_profile([[0, 1, 2, 3], []], item_categories, 2)
+    assert profile.tolist() == [[1 / 3, 2 / 3], [0.5, 0.5]]
