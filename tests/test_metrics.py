@@ -68,3 +68,58 @@ def test_agrees_with_torchmetrics_without_ties():
                              ("mrr", RetrievalMRR(top_k=k))):
             theirs = metric(scores.flatten(), relevant.flatten(), indexes=indexes.flatten())
             assert mine[f"{name}@{k}"] == pytest.approx(float(theirs), abs=1e-6), (name, k)
+
+
+# --- beyond accuracy ----------------------------------------------------------------------
+
+from distrec import metrics as M  # noqa: E402
+
+
+def test_ild_orthogonal_and_identical():
+    vectors = torch.eye(4)
+    assert M.intra_list_diversity(torch.tensor([[0, 1, 2]]), vectors) == pytest.approx(1.0)
+    same = torch.ones(4, 3)
+    assert M.intra_list_diversity(torch.tensor([[0, 1, 2]]), same) == pytest.approx(0.0)
+    # two users: a list of cos 0.5 pairs -> 0.5
+    v = torch.tensor([[1.0, 0.0], [0.5, 3 ** 0.5 / 2]])
+    assert M.intra_list_diversity(torch.tensor([[0, 1]]), v) == pytest.approx(0.5)
+
+
+def test_category_jaccard_ild():
+    cats = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]])
+    # pairs: (0,1) J=1/2, (0,2) J=0, (1,2) J=0 -> mean 1/6 -> ILD 5/6
+    assert M.category_ild(torch.tensor([[0, 1, 2]]), cats) == pytest.approx(5 / 6)
+
+
+def test_coverages_gini_novelty():
+    lists = torch.tensor([[0, 1], [0, 2]])
+    primary = torch.tensor([0, 0, 1, -1])
+    assert M.category_coverage(lists, primary, num_categories=5) == pytest.approx((1 / 2 + 2 / 2) / 2)
+    assert M.catalog_coverage(lists, 4) == 0.75
+    assert M.gini(torch.tensor([5, 5, 5, 5])) == 0.0
+    assert M.gini(torch.tensor([0, 0, 0, 8])) == pytest.approx(3 / 4)  # (n - 1) / n
+    assert M.gini(M.exposure(lists, 4)) == pytest.approx(M.gini(torch.tensor([2, 1, 1, 0])))
+    counts = torch.tensor([6, 2, 0, 0])  # shares (c + 1) / 12
+    expected = -(torch.log2(torch.tensor([7 / 12, 3 / 12, 7 / 12, 1 / 12]))).mean()
+    assert M.novelty(lists, counts) == pytest.approx(float(expected))
+
+
+def test_calibration_kl_textbook():
+    lists = torch.tensor([[0, 1]])
+    primary = torch.tensor([0, 0, 1])
+    p = torch.tensor([[0.5, 0.5]])
+    # q = (1, 0) -> q~ = (0.995, 0.005): KL = .5 ln(.5/.995) + .5 ln(.5/.005)
+    expected = 0.5 * math.log(0.5 / 0.995) + 0.5 * math.log(0.5 / 0.005)
+    assert M.calibration_kl(lists, primary, p) == pytest.approx(expected)
+    assert M.calibration_kl(torch.tensor([[0, 2]]), primary, p) == pytest.approx(0.0)
+
+
+def test_alpha_ndcg_perfect_and_redundant_lists():
+    primary = torch.tensor([0, 1, 0, 1, 2])
+    profile = torch.tensor([[0.5, 0.5, 0.0]])  # intents: categories 0 and 1
+    assert M.alpha_ndcg(torch.tensor([[0, 1, 2, 3]]), primary, profile) == pytest.approx(1.0)
+    redundant = M.alpha_ndcg(torch.tensor([[0, 2, 1, 3]]), primary, profile)
+    d = [1 / math.log2(r + 2) for r in range(4)]
+    ideal = d[0] + d[1] + 0.5 * d[2] + 0.5 * d[3]
+    assert redundant == pytest.approx((d[0] + 0.5 * d[1] + d[2] + 0.5 * d[3]) / ideal)
+    assert M.alpha_ndcg(torch.tensor([[4, 4, 4, 4]]), primary, profile) == 0.0
