@@ -1,0 +1,1 @@
+"""Offline full-catalog scoring: the blocked top-N kernel and the Ray batch job."""
