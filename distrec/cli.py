@@ -22,7 +22,6 @@ DEMO_TRAIN = {  # configs/train/demo.yaml, inlined so an installed package needs
               "live_items": 32, "patience": 2},
 }
 NOT_BUILT = {
-    "score": "issue 4 (Ray batch scoring with diversity policies)",
     "evaluate": "issue 4 (full-ranking and beyond-accuracy evaluation)",
 }
 
@@ -112,6 +111,39 @@ def run_train(args) -> int:
     return 0
 
 
+def _score_parser(sub) -> None:
+    p = sub.add_parser("score", help="score the whole catalog for every user (Ray), re-rank for diversity")
+    p.add_argument("--run", help="a run directory written by distrec train")
+    p.add_argument("--data", help="the prepared dataset")
+    p.add_argument("--out", help="output directory (Parquet parts; a re-run resumes)")
+    p.add_argument("--policy", help="none | mmr | dpp | category_cap | calibration | exposure")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
+    p.add_argument("--config", help="a YAML file of score settings")
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. policy.strength=0.3 k=10")
+
+
+def run_score(args) -> int:
+    from distrec.score.config import ScoreConfig
+
+    if args.help_config:
+        print("\n".join(help_text(ScoreConfig)))
+        return 0
+    base = {k: v for k, v in vars(args).items() if k in ("run", "data", "out", "address", "overwrite") and v is not None}
+    if args.policy:
+        base["policy"] = {"name": args.policy}
+    cfg = load_config(ScoreConfig, args.config, args.overrides, base=base)
+    from distrec.score.job import score
+
+    summary = score(cfg)
+    print(f"scored {summary['users_scored']:,} users ({summary['blocks_skipped']} of {summary['blocks']} blocks "
+          f"already done) x {summary['items']:,} items, policy {cfg.policy.name}, "
+          f"{summary['users_per_s']:,.0f} users/s, {summary['empty_history_users']} with an empty history "
+          f"(popularity) -> {summary['out']}", file=sys.stderr)
+    return 0
+
+
 def run_demo(args) -> int:
     from distrec.data.config import PrepareConfig
     from distrec.data.prepare import prepare
@@ -132,8 +164,15 @@ def run_demo(args) -> int:
     results = train(train_cfg)
     print(f"      test NDCG@10 {results['test']['ndcg@10']:.4f}  HR@10 {results['test']['hr@10']:.4f}; "
           f"new (cold) items NDCG@10 {results['test_cold']['ndcg@10']:.4f}", file=sys.stderr)
-    for number, verb in enumerate(("score", "evaluate"), 3):
-        print(f"[{number}/4] {verb}: not built yet, lands with {NOT_BUILT[verb]}", file=sys.stderr)
+    print(f"[3/4] score: every user x the whole catalog (Ray), MMR re-ranking -> {out / 'recs'}", file=sys.stderr)
+    from distrec.score.config import ScoreConfig
+    from distrec.score.job import score
+
+    summary = score(load_config(ScoreConfig, None, [], base={
+        "run": str(out / "run"), "data": str(out / "data"), "out": str(out / "recs"), "users": "test",
+        "overwrite": True, "policy": {"name": "mmr", "strength": 0.3}}))
+    print(f"      {summary['users_scored']:,} users, {summary['users_per_s']:,.0f} users/s", file=sys.stderr)
+    print(f"[4/4] evaluate: not built yet, lands with {NOT_BUILT['evaluate']}", file=sys.stderr)
     print(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {out}", file=sys.stderr)
     return 0
 
@@ -143,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     _prepare_parser(sub)
     _train_parser(sub)
+    _score_parser(sub)
     for verb, issue in NOT_BUILT.items():
         sub.add_parser(verb, help=f"(not built yet: {issue})").add_argument("rest", nargs="*")
     demo = sub.add_parser("demo", help="run every stage on the built-in synthetic default")
@@ -155,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_prepare(args)
         if args.verb == "train":
             return run_train(args)
+        if args.verb == "score":
+            return run_score(args)
         if args.verb == "demo":
             return run_demo(args)
         print(f"distrec {args.verb}: not built yet; it lands with {NOT_BUILT[args.verb]}", file=sys.stderr)

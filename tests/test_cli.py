@@ -24,7 +24,7 @@ def test_demo_runs_end_to_end_with_the_default_backbone(tmp_path):
 
 
 def test_unbuilt_verbs_say_so_and_fail():
-    result = _run("score")
+    result = _run("evaluate")
     assert result.returncode == 2 and "not built yet" in result.stderr
 
 

@@ -32,7 +32,7 @@ def split_ranks(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, ba
             model.user_vectors(torch.full((1, 1), -1, dtype=torch.long, device=device), table)
             continue
         history = left_pad(list(chunk["history"]), model.cfg.max_len).to(device)
-        targets = torch.as_tensor(chunk["target"].to_numpy(), dtype=torch.long, device=device)
+        targets = torch.tensor(chunk["target"].to_numpy(), dtype=torch.long, device=device)
         with accelerator.autocast():
             users = model.user_vectors(history, table)
         scores = exclude_history(users.float() @ table.float().T, history, targets)

@@ -1,0 +1,57 @@
+"""The config of `distrec score` (`distrec score --help-config` lists it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from distrec.config import doc
+
+POLICIES = ("none", "mmr", "dpp", "category_cap", "calibration", "exposure")
+
+
+@dataclass
+class PolicyConfig:
+    name: Literal["none", "mmr", "dpp", "category_cap", "calibration", "exposure"] = doc(
+        "re-ranking policy over each user's candidates", default="none")
+    strength: float = doc(
+        "mmr: diversity weight in [0, 1]; dpp: relevance trade-off in [0, 1); calibration: weight in [0, 1]; "
+        "category_cap: most items of one category per list (>= 1); exposure: largest share of users one "
+        "item may reach, in (0, 1]", default=0.5)
+    window: int = doc("dpp: sliding window (0 = the whole list)", default=0)
+
+    def __post_init__(self):
+        s = self.strength
+        ok = {"none": True, "mmr": 0 <= s <= 1, "dpp": 0 <= s < 1, "calibration": 0 <= s <= 1,
+              "category_cap": s >= 1 and float(s).is_integer(), "exposure": 0 < s <= 1}[self.name]
+        if not ok:
+            raise ValueError(f"policy.strength={s} is out of range for policy {self.name!r} "
+                             "(see distrec score --help-config)")
+        if self.window < 0:
+            raise ValueError("policy.window must be >= 0")
+
+
+@dataclass
+class ScoreConfig:
+    run: Optional[str] = doc("a run directory written by distrec train", default=None)
+    data: Optional[str] = doc("the prepared dataset the run was trained on (or a newer one with the same items)", default=None)
+    out: Optional[str] = doc("output directory of Parquet parts (re-running resumes)", default=None)
+    address: Optional[str] = doc("Ray cluster: null = a local Ray on this machine, 'auto', or ray://host:port", default=None)
+    users: Literal["test", "val", "all"] = doc(
+        "whose lists: 'test' (test users, history = train + validation), 'val', or 'all' (every user, "
+        "whole history: the nightly production run)", default="test")
+    candidates: int = doc("top-N candidates per user from the full catalog, before re-ranking", default=200)
+    k: int = doc("items per final list", default=20)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    batch_size: int = doc("users per block (one Parquet part each)", default=1024)
+    actors: int = doc("scoring actors (0 = one per CPU of the cluster, at most the number of blocks)", default=0)
+    category_level: int = doc("which entry of an item's category list is its category (-1 = the most specific)", default=-1)
+    faiss: bool = doc("top-N with FAISS IndexFlatIP instead of the blocked matrix product", default=False)
+    overwrite: bool = doc("replace an output directory written by a different job", default=False)
+    progress: bool = doc("show progress", default=True)
+
+    def __post_init__(self):
+        if self.k < 1 or self.candidates < self.k:
+            raise ValueError("k >= 1 and candidates >= k required")
+        if self.batch_size < 1 or self.actors < 0:
+            raise ValueError("batch_size >= 1 and actors >= 0 required")

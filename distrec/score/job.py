@@ -1,0 +1,245 @@
+"""`distrec score`: every user's top-K over the whole catalog, re-ranked for diversity, as a
+Ray Data job (a local Ray by default, a cluster with `address=`).
+
+    distrec score --run runs/ml1m_id --data data/ml-1m-sasrec --out recs/ml1m policy.name=mmr policy.strength=0.3
+
+The catalog is embedded once on the driver and shared with the scoring actors as one
+object reference. Users go in blocks; each actor loads the model once, scores a block
+against the catalog (blocked matrix product, running top-N, history excluded), applies
+the policy and writes the block's Parquet part atomically (temp file, rename). A part on
+disk is the block's completion marker, so a killed job re-run skips finished blocks and
+ends with every user exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distrec import diversity
+from distrec.config import ConfigError, to_dict
+from distrec.data.shards import left_pad
+from distrec.models.run import load_model, read_model_json
+from distrec.score.config import ScoreConfig
+from distrec.score.kernel import top_candidates
+
+SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
+                    ("score", pa.float32()), ("relevance", pa.float32()), ("policy", pa.string())])
+PART = "part-{:05d}.parquet"
+JOB_FILE = "job.json"
+
+
+def primary_categories(items: pd.DataFrame, level: int) -> tuple[torch.Tensor, list[str]]:
+    """(I,) category id of each item at `level` of its category list (-1: none), and the names."""
+    names: dict[str, int] = {}
+    ids = []
+    for cats in items["categories"]:
+        cats = list(cats)
+        if not cats:
+            ids.append(-1)
+            continue
+        name = cats[level] if -len(cats) <= level < len(cats) else cats[-1]
+        ids.append(names.setdefault(name, len(names)))
+    return torch.tensor(ids, dtype=torch.long), list(names)
+
+
+def user_frame(data_dir: Path, which: str) -> pd.DataFrame:
+    """user, history (the history the lists are built from) for the chosen users."""
+    if which in ("test", "val"):
+        return pd.read_parquet(data_dir / f"{which}.parquet")[["user", "history"]]
+    test = pd.read_parquet(data_dir / "test.parquet")
+    full = {u: list(h) + [t] for u, h, t in test[["user", "history", "target"]].itertuples(index=False)}
+    users = pd.read_parquet(data_dir / "users.parquet")
+    # users without a test interaction: their training prefix is all we know (empty if none)
+    return pd.DataFrame({"user": users["index"], "history": [full.get(u, []) for u in users["index"]]})
+
+
+class BlockScorer:
+    """Scores blocks of users and writes their parts; constructed once per Ray actor."""
+
+    def __init__(self, cfg_dict: dict, catalog: np.ndarray, popularity: np.ndarray):
+        from distrec.config import from_dict
+
+        self.cfg = from_dict(ScoreConfig, cfg_dict)
+        torch.set_num_threads(int(os.environ.get("DISTREC_SCORE_THREADS", max(1, torch.get_num_threads()))))
+        data = Path(self.cfg.data)
+        self.items = pd.read_parquet(data / "items.parquet")
+        self.users = pd.read_parquet(data / "users.parquet")["user_id"].to_numpy()
+        self.frame = user_frame(data, self.cfg.users)
+        if not isinstance(catalog, np.ndarray):  # an ObjectRef: the one shared copy in the object store
+            import ray
+
+            catalog, popularity = ray.get(catalog), ray.get(popularity)
+        self.table = torch.from_numpy(np.array(catalog))
+        self.popularity = torch.from_numpy(np.array(popularity))
+        self.categories, self.category_names = primary_categories(self.items, self.cfg.category_level)
+        self.model = load_model(Path(self.cfg.run) / "best", self.items, Path(self.cfg.run) / "tokenizer")
+        self.model.eval()
+        self.shown = torch.zeros(len(self.items), dtype=torch.long)  # exposure policy state
+        self.out = Path(self.cfg.out)
+
+    def __call__(self, batch: dict) -> dict:
+        done = {"block": [], "users": [], "empty": [], "seconds": []}
+        for block in batch["block"]:
+            started = time.perf_counter()
+            users, empty = self.score_block(int(block))
+            done["block"].append(int(block))
+            done["users"].append(users)
+            done["empty"].append(empty)
+            done["seconds"].append(time.perf_counter() - started)
+        return {k: np.asarray(v) for k, v in done.items()}
+
+    def block_users(self, block: int) -> pd.DataFrame:
+        size = self.cfg.batch_size
+        return self.frame.iloc[block * size:(block + 1) * size]
+
+    @torch.no_grad()
+    def recommend(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(items (B, k), relevance (B, k), users with an empty history) for a list of histories."""
+        cfg = self.cfg
+        history = left_pad(histories, 0)
+        empty = torch.tensor([len(h) == 0 for h in histories])
+        user_vectors = self.model.user_vectors(history, self.table)
+        relevance, candidates = top_candidates(user_vectors.float(), self.table.float(), cfg.candidates, history)
+        if empty.any():  # nothing to go on: the most popular items
+            pop, pop_items = self.popularity.float().topk(min(cfg.candidates, len(self.popularity)))
+            relevance[empty], candidates[empty] = pop, pop_items
+        picks = self.rerank(relevance, candidates, histories)
+        return candidates.gather(1, picks), relevance.gather(1, picks), int(empty.sum())
+
+    def rerank(self, relevance, candidates, histories) -> torch.Tensor:
+        p, k = self.cfg.policy, self.cfg.k
+        if p.name == "none":
+            return diversity.top_k(relevance, k)
+        if p.name == "mmr":
+            return diversity.mmr(relevance, self.table[candidates], k, p.strength)
+        if p.name == "dpp":
+            return diversity.dpp(relevance, self.table[candidates], k, p.strength, p.window)
+        cats = self.categories[candidates]
+        if p.name == "category_cap":
+            return diversity.category_cap(relevance, cats, k, int(p.strength))
+        if p.name == "calibration":
+            profile = diversity.category_profile(histories, self.categories, len(self.category_names))
+            return diversity.calibrated(relevance, cats, profile, k, p.strength)
+        capacity = max(1, math.ceil(p.strength * len(self.frame)))
+        return diversity.exposure_capped(relevance, candidates, k, capacity, self.shown)
+
+    def score_block(self, block: int) -> tuple[int, int]:
+        users = self.block_users(block)
+        items, relevance, empty = self.recommend(list(users["history"]))
+        n, k = items.shape
+        frame = pd.DataFrame({
+            "user_id": np.repeat(self.users[users["user"].to_numpy()], k),
+            "item_id": self.items["item_id"].to_numpy()[items.flatten().numpy()],
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+            "score": np.tile(((k - np.arange(k)) / k).astype(np.float32), n),
+            "relevance": relevance.flatten().numpy().astype(np.float32),
+            "policy": self.cfg.policy.name,
+        })
+        temp = self.out / f".{PART.format(block)}.tmp-{os.getpid()}"
+        pq.write_table(pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), temp)
+        os.replace(temp, self.out / PART.format(block))
+        return n, empty
+
+
+def _job_id(cfg: ScoreConfig) -> str:
+    """What makes two runs the same job (so a re-run may resume it)."""
+    keys = {k: v for k, v in to_dict(cfg).items() if k not in ("address", "actors", "progress", "overwrite")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check(cfg: ScoreConfig) -> tuple[pd.DataFrame, Path]:
+    if not (cfg.run and cfg.data and cfg.out):
+        raise ConfigError("--run, --data and --out are required")
+    meta = read_model_json(Path(cfg.run) / "best")
+    data = Path(cfg.data)
+    if not (data / "items.parquet").is_file():
+        raise ConfigError(f"{data}: not a prepared dataset (no items.parquet)")
+    items = pd.read_parquet(data / "items.parquet")
+    if meta["model"]["item_repr"] in ("id", "popularity") and list(items["item_id"]) != meta["item_ids"]:
+        raise ConfigError(f"{data}: its items do not match the vocabulary of run {cfg.run} "
+                          f"({len(items)} items vs {len(meta['item_ids'])}); score with the dataset the run was trained on")
+    out = Path(cfg.out)
+    job_file = out / JOB_FILE
+    if out.exists() and any(out.iterdir()):
+        if not job_file.is_file():
+            raise ConfigError(f"{out}: exists and is not a distrec score output; choose another --out")
+        previous = json.loads(job_file.read_text())
+        if previous["job"] != _job_id(cfg):
+            if not cfg.overwrite:
+                raise ConfigError(f"{out}: holds the results of a different scoring job; pass --overwrite or another --out")
+            for part in out.glob("part-*.parquet"):
+                part.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps({"job": _job_id(cfg), "config": to_dict(cfg)}, indent=2))
+    return items, out
+
+
+def catalog_and_popularity(cfg: ScoreConfig, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The catalog's item vectors, embedded once (batched through the item tower)."""
+    model = load_model(Path(cfg.run) / "best", items, Path(cfg.run) / "tokenizer")
+    model.eval()
+    model.refresh_cache()
+    with torch.no_grad():
+        table = model.item_table().float().numpy()
+    popularity = np.log1p(items["train_count"].to_numpy().astype(np.float32))
+    return table, popularity
+
+
+def score(cfg: ScoreConfig) -> dict:
+    import ray
+
+    items, out = _check(cfg)
+    started = time.perf_counter()
+    frame = user_frame(Path(cfg.data), cfg.users)
+    blocks = math.ceil(len(frame) / cfg.batch_size)
+    todo = [b for b in range(blocks) if not (out / PART.format(b)).exists()]
+    table, popularity = catalog_and_popularity(cfg, items)
+    embed_seconds = time.perf_counter() - started
+    results = {"block": [], "users": [], "empty": [], "seconds": []}
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
+                     **({} if cfg.address else {"num_cpus": os.cpu_count()}))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # exposure counts are shared across users: one actor serves the blocks in order
+        actors = 1 if cfg.policy.name == "exposure" else min(cfg.actors or cpus, len(todo))
+        threads = max(1, cpus // actors)
+        import ray.data
+
+        dataset = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
+        done = dataset.map_batches(
+            BlockScorer, fn_constructor_args=(to_dict(cfg), ray.put(table), ray.put(popularity)),
+            batch_size=1, concurrency=actors, num_cpus=threads,
+            runtime_env={"env_vars": {"DISTREC_SCORE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}},
+        ).take_all()
+        for row in done:
+            for key in results:
+                results[key].append(row[key])
+    seconds = time.perf_counter() - started
+    users = int(sum(results["users"]))
+    summary = {
+        "out": str(out), "users_scored": users, "users_total": len(frame), "blocks": blocks,
+        "blocks_skipped": blocks - len(todo), "items": len(items), "empty_history_users": int(sum(results["empty"])),
+        "seconds": round(seconds, 1), "embed_seconds": round(embed_seconds, 1),
+        "users_per_s": round(users / max(seconds - embed_seconds, 1e-9), 1), "policy": to_dict(cfg.policy),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def read_recommendations(out: str | Path) -> pd.DataFrame:
+    parts = sorted(Path(out).glob("part-*.parquet"))
+    if not parts:
+        raise ConfigError(f"{out}: no recommendations (part-*.parquet); run distrec score first")
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)

@@ -1,0 +1,134 @@
+"""The Ray scoring job on a local Ray: every user exactly once, seen items never
+recommended, the `none` policy equal to the plain kernel, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from distrec import diversity
+from distrec.cli import main
+from distrec.config import load_config, to_dict
+from distrec.metrics import calibration_kl, intra_list_diversity
+from distrec.score.config import ScoreConfig
+from distrec.score.job import BlockScorer, catalog_and_popularity, read_recommendations
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    assert main(["prepare", "--source", "synthetic", "--out", str(root / "data"), "--no-progress",
+                 "synthetic.num_users=300", "synthetic.num_items=120", "synthetic.num_categories=5",
+                 "synthetic.mean_length=10"]) == 0
+    assert main(["train", "--no-progress", f"data.dir={root / 'data'}", f"run.dir={root / 'run'}", "trackers=[]",
+                 "model.item_repr=id", "model.dim=16", "model.max_len=12", "train.epochs=2"]) == 0
+    return root
+
+
+def _score(trained, out, *overrides):
+    return main(["score", "--run", str(trained / "run"), "--data", str(trained / "data"), "--out", str(out),
+                 "batch_size=64", "k=10", "candidates=40", *overrides])
+
+
+def test_every_user_once_no_seen_items_and_none_equals_the_kernel(trained, tmp_path):
+    assert _score(trained, tmp_path / "recs", "actors=2") == 0
+    recs = read_recommendations(tmp_path / "recs")
+    test = pd.read_parquet(trained / "data" / "test.parquet")
+    users = pd.read_parquet(trained / "data" / "users.parquet")
+    items = pd.read_parquet(trained / "data" / "items.parquet")
+    assert recs.groupby("user_id").size().to_dict() == {u: 10 for u in users["user_id"][test["user"]]}
+    assert (recs.groupby("user_id")["rank"].apply(list) == [list(range(1, 11))] * len(test)).all()
+    index = dict(zip(items["item_id"], items["index"]))
+    history = dict(zip(users["user_id"][test["user"]], test["history"]))
+    assert not any(index[i] in set(history[u]) for u, i in recs[["user_id", "item_id"]].itertuples(index=False))
+    # the job's lists equal the kernel run by hand for one block
+    cfg = load_config(ScoreConfig, None, [], base={"run": str(trained / "run"), "data": str(trained / "data"),
+                                                   "out": str(tmp_path / "x"), "k": 10, "candidates": 40})
+    table, popularity = catalog_and_popularity(cfg, items)
+    scorer = BlockScorer(to_dict(cfg), table, popularity)
+    top, _, _ = scorer.recommend(list(test["history"][:5]))
+    for row in range(5):
+        user = users["user_id"][test["user"][row]]
+        got = recs[recs.user_id == user].sort_values("rank")["item_id"].tolist()
+        assert got == items["item_id"].to_numpy()[top[row].numpy()].tolist()
+    summary = json.loads((tmp_path / "recs" / "summary.json").read_text())
+    assert summary["users_scored"] == 300 and summary["blocks"] == 5
+
+
+def _scorer(trained, tmp_path, **policy):
+    cfg = load_config(ScoreConfig, None, [], base={
+        "run": str(trained / "run"), "data": str(trained / "data"), "out": str(tmp_path), "k": 10,
+        "candidates": 40, "policy": policy or {"name": "none"}})
+    items = pd.read_parquet(trained / "data" / "items.parquet")
+    table, popularity = catalog_and_popularity(cfg, items)
+    return BlockScorer(to_dict(cfg), table, popularity)
+
+
+@pytest.mark.parametrize("name, strength", [("mmr", 0.5), ("dpp", 0.5), ("category_cap", 2), ("calibration", 0.9),
+                                            ("exposure", 0.1)])
+def test_policies_change_the_lists_the_way_they_promise(trained, tmp_path, name, strength):
+    histories = list(pd.read_parquet(trained / "data" / "test.parquet")["history"])
+    base = _scorer(trained, tmp_path)
+    scorer = _scorer(trained, tmp_path, name=name, strength=strength)
+    plain, _, _ = base.recommend(histories)
+    lists, _, _ = scorer.recommend(histories)
+    assert lists.shape == plain.shape == (300, 10) and not torch.equal(lists, plain)
+    assert all(len(set(row.tolist())) == 10 for row in lists)
+    cats = scorer.categories
+    if name in ("mmr", "dpp"):
+        assert intra_list_diversity(lists, scorer.table) > intra_list_diversity(plain, scorer.table)
+    if name == "category_cap":
+        per_list = [torch.bincount(cats[row][cats[row] >= 0]).max().item() for row in lists]
+        assert max(per_list) <= 2 < max(torch.bincount(cats[row][cats[row] >= 0]).max().item() for row in plain)
+    if name == "calibration":
+        profiles = diversity.category_profile(histories, cats, len(scorer.category_names))
+        assert calibration_kl(lists, cats, profiles) < calibration_kl(plain, cats, profiles)
+    if name == "exposure":
+        assert torch.bincount(lists.flatten()).max() < torch.bincount(plain.flatten()).max()
+        assert len(torch.unique(lists)) > len(torch.unique(plain))
+
+
+def test_bad_input_fails_before_any_work(cli, trained, tmp_path):
+    code, err = cli("score", "--run", tmp_path / "nothing", "--data", trained / "data", "--out", tmp_path / "o")
+    assert code == 2 and "not a distrec checkpoint" in err
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "o",
+                    "policy.name=mmr", "policy.strength=3")
+    assert code == 2 and "out of range" in err
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "o",
+                    "policy.name=magic")
+    assert code == 2 and "policy.name: expected one of" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "other")
+    assert code == 2 and "not a distrec score output" in err
+
+
+@pytest.mark.timeout(300)
+def test_killed_job_rerun_scores_every_user_exactly_once(trained, tmp_path):
+    out = tmp_path / "recs"
+    args = [sys.executable, "-m", "distrec", "score", "--run", str(trained / "run"), "--data", str(trained / "data"),
+            "--out", str(out), "batch_size=20", "actors=1", "policy.name=dpp"]
+    job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    # the local Ray's workers live in their own sessions: stop them too, as a crashed node would
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    parts_before = len(list(out.glob("part-*.parquet")))
+    assert 3 <= parts_before < 15, "the job finished before it could be killed"
+    assert subprocess.run(args[:-1] + ["policy.name=dpp"], capture_output=True).returncode == 0
+    recs = read_recommendations(out)
+    assert recs.groupby("user_id").size().eq(20).all() and recs["user_id"].nunique() == 300
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["blocks_skipped"] == parts_before and summary["users_scored"] == 300 - 20 * parts_before
