@@ -21,9 +21,6 @@ DEMO_TRAIN = {  # configs/train/demo.yaml, inlined so an installed package needs
     "train": {"loss": "softmax", "batch_size": 64, "lr": 0.002, "backbone_lr": 0.0005, "epochs": 3,
               "live_items": 32, "patience": 2},
 }
-NOT_BUILT = {
-    "evaluate": "issue 4 (full-ranking and beyond-accuracy evaluation)",
-}
 
 
 def _prepare_parser(sub) -> None:
@@ -144,6 +141,39 @@ def run_score(args) -> int:
     return 0
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy and beyond-accuracy metrics of lists, with a report")
+    p.add_argument("--recs", type=Path, help="output of distrec score")
+    p.add_argument("--data", type=Path, required=True, help="the prepared dataset")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--run", type=Path, help="the run (item vectors for ILD; required with --sweep)")
+    p.add_argument("--sweep", action="store_true", help="policies over a range of strengths: the trade-off curve")
+    p.add_argument("--max-loss", type=float, default=0.02, help="--sweep: accuracy loss allowed (relative)")
+    p.add_argument("--category-level", type=int, default=-1, help="which entry of an item's categories counts")
+
+
+def run_evaluate(args) -> int:
+    from distrec import evaluate as ev
+
+    if args.sweep:
+        if args.run is None:
+            raise ConfigError("--sweep needs --run")
+        result = ev.sweep(args.run, args.data, args.out, max_loss=args.max_loss, category_level=args.category_level)
+        for name, best in result["best_within_loss"].items():
+            print(f"{name:13s} most diverse within {args.max_loss:.0%} NDCG loss: strength {best['ild']['strength']} "
+                  f"ILD@10 {best['ild']['ild@10']:.3f}; category coverage {best['category_coverage']['category_coverage@10']:.3f}",
+                  file=sys.stderr)
+        print(f"-> {args.out}/tradeoff.png, sweep.json", file=sys.stderr)
+        return 0
+    if args.recs is None:
+        raise ConfigError("--recs is required (or --sweep with --run)")
+    result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level)
+    acc = result["accuracy"]
+    print(f"NDCG@10 {acc.get('ndcg@10', float('nan')):.4f}  HR@10 {acc.get('hr@10', float('nan')):.4f}  "
+          f"({result['users']:,} users) -> {args.out}/report.html", file=sys.stderr)
+    return 0
+
+
 def run_demo(args) -> int:
     from distrec.data.config import PrepareConfig
     from distrec.data.prepare import prepare
@@ -172,7 +202,14 @@ def run_demo(args) -> int:
         "run": str(out / "run"), "data": str(out / "data"), "out": str(out / "recs"), "users": "test",
         "overwrite": True, "policy": {"name": "mmr", "strength": 0.3}}))
     print(f"      {summary['users_scored']:,} users, {summary['users_per_s']:,.0f} users/s", file=sys.stderr)
-    print(f"[4/4] evaluate: not built yet, lands with {NOT_BUILT['evaluate']}", file=sys.stderr)
+    print(f"[4/4] evaluate: accuracy, diversity, coverage -> {out / 'report'}", file=sys.stderr)
+    from distrec.evaluate import evaluate
+
+    result = evaluate(out / "recs", out / "data", out / "report", out / "run")
+    beyond = result["beyond@10"]
+    print(f"      NDCG@10 {result['accuracy']['ndcg@10']:.4f}, ILD@10 {beyond['ild']:.3f}, "
+          f"category coverage {beyond['category_coverage']:.3f}, Gini {beyond['gini']:.3f} "
+          f"-> {out / 'report' / 'report.html'}", file=sys.stderr)
     print(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {out}", file=sys.stderr)
     return 0
 
@@ -183,24 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_parser(sub)
     _train_parser(sub)
     _score_parser(sub)
-    for verb, issue in NOT_BUILT.items():
-        sub.add_parser(verb, help=f"(not built yet: {issue})").add_argument("rest", nargs="*")
+    _evaluate_parser(sub)
     demo = sub.add_parser("demo", help="run every stage on the built-in synthetic default")
     demo.add_argument("--out", default="out/demo", help="where the demo writes (default out/demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="synthetic.* go to prepare, the rest to train (e.g. train.epochs=1)")
     args = parser.parse_args(argv)
+    verbs = {"prepare": run_prepare, "train": run_train, "score": run_score, "evaluate": run_evaluate,
+             "demo": run_demo}
     try:
-        if args.verb == "prepare":
-            return run_prepare(args)
-        if args.verb == "train":
-            return run_train(args)
-        if args.verb == "score":
-            return run_score(args)
-        if args.verb == "demo":
-            return run_demo(args)
-        print(f"distrec {args.verb}: not built yet; it lands with {NOT_BUILT[args.verb]}", file=sys.stderr)
-        return 2
+        return verbs[args.verb](args)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,9 +23,11 @@ def test_demo_runs_end_to_end_with_the_default_backbone(tmp_path):
     assert "[1/4] prepare" in result.stderr and "[2/4] train" in result.stderr and "demo finished" in result.stderr
 
 
-def test_unbuilt_verbs_say_so_and_fail():
-    result = _run("evaluate")
-    assert result.returncode == 2 and "not built yet" in result.stderr
+def test_missing_arguments_are_named():
+    result = _run("score", "--data", "x", "--out", "y")
+    assert result.returncode == 2 and "--run, --data and --out are required" in result.stderr
+    result = _run("evaluate", "--data", "x", "--out", "y")
+    assert result.returncode == 2 and "--recs is required" in result.stderr
 
 
 def test_help_config_lists_every_key():

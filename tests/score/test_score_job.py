@@ -132,3 +132,18 @@ def test_killed_job_rerun_scores_every_user_exactly_once(trained, tmp_path):
     assert recs.groupby("user_id").size().eq(20).all() and recs["user_id"].nunique() == 300
     summary = json.loads((out / "summary.json").read_text())
     assert summary["blocks_skipped"] == parts_before and summary["users_scored"] == 300 - 20 * parts_before
+
+
+def test_sweep_draws_the_tradeoff_and_picks_within_the_loss(trained, tmp_path):
+    from distrec.evaluate import sweep
+
+    result = sweep(trained / "run", trained / "data", tmp_path / "sweep", k=10, candidates=40,
+                   policies={"mmr": [0.0, 0.3, 0.6], "category_cap": [10, 2]})
+    assert (tmp_path / "sweep" / "tradeoff.png").stat().st_size > 10_000
+    none = result["points"][0]
+    mmr0 = next(p for p in result["points"] if p["policy"] == "mmr" and p["strength"] == 0.0)
+    assert mmr0["ndcg@10"] == pytest.approx(none["ndcg@10"])  # strength 0 is no re-ranking
+    strong = next(p for p in result["points"] if p["policy"] == "mmr" and p["strength"] == 0.6)
+    assert strong["ild@10"] > none["ild@10"]
+    for best in result["best_within_loss"].values():
+        assert best["ild"]["ndcg@10"] >= 0.98 * result["reference_ndcg"]
