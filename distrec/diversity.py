@@ -64,56 +64,55 @@ def dpp_kernel_quality(relevance: torch.Tensor, tradeoff: float) -> torch.Tensor
 
 
 def dpp(relevance: torch.Tensor, vectors: torch.Tensor, k: int, tradeoff: float, window: int = 0,
-        eps: float = 1e-10) -> torch.Tensor:
+        eps: float = 1e-5) -> torch.Tensor:
     """Greedy MAP inference of a DPP (Chen, Zhang, Zhou, NeurIPS 2018, Algorithm 1), batched.
 
     Kernel L = diag(q) S diag(q) with S the cosine similarity of the item vectors and q from
     `dpp_kernel_quality`. Incremental Cholesky: O(N k^2) per user. `window` > 0 is the
     sliding-window variant for long lists: diversity only against the last `window - 1` picks.
-    When no candidate adds volume (d^2 < eps), the rest of the list is filled by relevance.
+    When no candidate adds volume (d^2 < eps * L_jj: the item lies in the span of the picks,
+    to float32 precision), the rest of the list is filled by relevance.
     """
     batch, n = relevance.shape
     k = min(k, n)
+    device = relevance.device
     q = dpp_kernel_quality(relevance, tradeoff)
-    unit = _unit(vectors.double())
-    rows = torch.arange(batch, device=relevance.device)
-    taken = torch.zeros(batch, n, dtype=torch.bool, device=relevance.device)
+    # similarities in float32 (the bulk of the work), the Cholesky recursion in float64
+    unit = _unit(vectors.float())
+    rows = torch.arange(batch, device=device)
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=device)
     picks: list[torch.Tensor] = []
     fill = top_k(relevance, n)
+    c = torch.zeros(batch, n, k, dtype=torch.float64, device=device)  # Cholesky rows, one column per pick
 
     def kernel_row(j: torch.Tensor) -> torch.Tensor:  # L[b, j, :]
-        return q[rows, j].unsqueeze(1) * q * torch.einsum("bnd,bd->bn", unit, unit[rows, j])
+        sim = torch.bmm(unit, unit[rows, j].unsqueeze(2)).squeeze(2).double()
+        return q[rows, j].unsqueeze(1) * q * sim
 
-    def state_from(window_picks: list[torch.Tensor]):
-        """Cholesky rows c (B, N, m) and residual d^2 (B, N) after conditioning on picks."""
-        c = torch.zeros(batch, n, len(window_picks), dtype=torch.float64, device=relevance.device)
-        d2 = q * q  # L_ii (S_ii = 1)
-        for t, j in enumerate(window_picks):
-            d_j = d2[rows, j].clamp(min=eps).sqrt()
-            e = (kernel_row(j) - torch.einsum("bnm,bm->bn", c[:, :, :t], c[rows, j, :t])) / d_j.unsqueeze(1)
-            c[:, :, t] = e
-            d2 = d2 - e * e
-        return c, d2
+    def condition(d2: torch.Tensor, j: torch.Tensor, t: int) -> torch.Tensor:
+        """Add pick j as Cholesky column t; return the new residuals d^2."""
+        d_j = d2[rows, j].clamp(min=1e-12).sqrt()
+        e = (kernel_row(j) - torch.bmm(c[:, :, :t], c[rows, j, :t].unsqueeze(2)).squeeze(2)) / d_j.unsqueeze(1)
+        c[:, :, t] = e
+        return d2 - e * e
 
-    c, d2 = state_from([])
-    exhausted = torch.zeros(batch, dtype=torch.bool, device=relevance.device)
+    d2 = q * q  # L_ii (S_ii = 1)
+    exhausted = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(k):
-        if window and step >= window:
-            c, d2 = state_from(picks[-(window - 1):] if window > 1 else [])
+        if window and step >= window:  # condition on the last window - 1 picks only
+            d2 = q * q
+            for t, j in enumerate(picks[len(picks) - (window - 1):] if window > 1 else []):
+                d2 = condition(d2, j, t)
         score = d2.masked_fill(taken, NEG)
         pick = score.argmax(dim=1)
-        exhausted |= score[rows, pick] < eps
+        exhausted |= score[rows, pick] < eps * q[rows, pick] ** 2
         if exhausted.any():  # no volume left: next best by relevance among the untaken
             first_free = (~taken.gather(1, fill)).float().argmax(dim=1)
             pick = torch.where(exhausted, fill[rows, first_free], pick)
         picks.append(pick)
         taken[rows, pick] = True
         if not window or step + 1 < window:
-            t = len(picks) - 1
-            d_j = d2[rows, pick].clamp(min=eps).sqrt()
-            e = (kernel_row(pick) - torch.einsum("bnm,bm->bn", c, c[rows, pick])) / d_j.unsqueeze(1)
-            c = torch.cat([c, e.unsqueeze(2)], dim=2)
-            d2 = d2 - e * e
+            d2 = condition(d2, pick, step)
     return torch.stack(picks, dim=1)
 
 
