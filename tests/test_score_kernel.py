@@ -25,3 +25,16 @@ def test_blocked_topk_equals_full_topk(block):
 def test_n_larger_than_catalog():
     scores, items = top_candidates(torch.ones(2, 3), torch.eye(3), 10)
     assert items.shape == (2, 3)
+
+
+def test_faiss_matches_the_kernel():
+    pytest.importorskip("faiss")
+    from distrec.score.kernel import FaissTopK
+
+    gen = torch.Generator().manual_seed(2)
+    users, table = torch.randn(6, 8, generator=gen), torch.randn(90, 8, generator=gen)
+    history = torch.randint(-1, 90, (6, 12), generator=gen)
+    expected_scores, expected_items = top_candidates(users, table, 15, history)
+    scores, items = FaissTopK(table)(users, 15, history)
+    assert torch.equal(items, expected_items)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ from distrec.config import ConfigError, to_dict
 from distrec.data.shards import left_pad
 from distrec.models.run import load_model, read_model_json
 from distrec.score.config import ScoreConfig
-from distrec.score.kernel import top_candidates
+from distrec.score.kernel import FaissTopK, top_candidates
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
                     ("score", pa.float32()), ("relevance", pa.float32()), ("policy", pa.string())])
@@ -86,6 +86,7 @@ class BlockScorer:
         self.model = load_model(Path(self.cfg.run) / "best", self.items, Path(self.cfg.run) / "tokenizer")
         self.model.eval()
         self.shown = torch.zeros(len(self.items), dtype=torch.long)  # exposure policy state
+        self.faiss = FaissTopK(self.table) if self.cfg.faiss else None
         self.out = Path(self.cfg.out)
 
     def __call__(self, batch: dict) -> dict:
@@ -110,7 +111,10 @@ class BlockScorer:
         history = left_pad(histories, 0)
         empty = torch.tensor([len(h) == 0 for h in histories])
         user_vectors = self.model.user_vectors(history, self.table)
-        relevance, candidates = top_candidates(user_vectors.float(), self.table.float(), cfg.candidates, history)
+        if self.faiss is not None:
+            relevance, candidates = self.faiss(user_vectors, cfg.candidates, history)
+        else:
+            relevance, candidates = top_candidates(user_vectors.float(), self.table.float(), cfg.candidates, history)
         if empty.any():  # nothing to go on: the most popular items
             pop, pop_items = self.popularity.float().topk(min(cfg.candidates, len(self.popularity)))
             relevance[empty], candidates[empty] = pop, pop_items
