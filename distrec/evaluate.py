@@ -135,7 +135,7 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
     from distrec.score.job import BlockScorer, catalog_and_popularity
 
     data = load_data(data_dir, category_level)
-    test, users, items = data["test"], data["users"], data["items"]
+    test, items = data["test"], data["items"]
     base_cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
                                                           "k": k, "candidates": candidates,
                                                           "category_level": category_level})
