@@ -5,11 +5,12 @@ import yaml
 
 from distrec.config import ConfigError, load_config, parse_override, save_config, to_dict
 from distrec.data.config import PrepareConfig
+from distrec.score.config import ScoreConfig
 from distrec.train.config import TrainConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 # which schema validates the YAML files of each configs/ folder
-SCHEMAS = {"prepare": PrepareConfig, "train": TrainConfig}
+SCHEMAS = {"prepare": PrepareConfig, "train": TrainConfig, "score": ScoreConfig}
 
 
 def test_defaults_and_override_types():
