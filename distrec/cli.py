@@ -202,14 +202,18 @@ def run_demo(args) -> int:
         "run": str(out / "run"), "data": str(out / "data"), "out": str(out / "recs"), "users": "test",
         "overwrite": True, "policy": {"name": "mmr", "strength": 0.3}}))
     print(f"      {summary['users_scored']:,} users, {summary['users_per_s']:,.0f} users/s", file=sys.stderr)
-    print(f"[4/4] evaluate: accuracy, diversity, coverage -> {out / 'report'}", file=sys.stderr)
-    from distrec.evaluate import evaluate
+    print(f"[4/4] evaluate: accuracy, diversity, coverage, and the policies' trade-off -> {out / 'eval'}",
+          file=sys.stderr)
+    from distrec.evaluate import evaluate, sweep
 
-    result = evaluate(out / "recs", out / "data", out / "report", out / "run")
+    sweep(out / "run", out / "data", out / "eval", candidates=100)
+    result = evaluate(out / "recs", out / "data", out / "eval", out / "run")
     beyond = result["beyond@10"]
     print(f"      NDCG@10 {result['accuracy']['ndcg@10']:.4f}, ILD@10 {beyond['ild']:.3f}, "
-          f"category coverage {beyond['category_coverage']:.3f}, Gini {beyond['gini']:.3f} "
-          f"-> {out / 'report' / 'report.html'}", file=sys.stderr)
+          f"category coverage {beyond['category_coverage']:.3f}, Gini {beyond['gini']:.3f}", file=sys.stderr)
+    for name in ("data", "run", "recs", "eval"):
+        print(f"      {name:5s} {out / name}", file=sys.stderr)
+    print(f"      report: {out / 'eval' / 'report.html'} (metrics.json, sweep.json, report.md, *.png)", file=sys.stderr)
     print(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {out}", file=sys.stderr)
     return 0
 

@@ -234,6 +234,24 @@ def _plots(result: dict, out: Path) -> list[str]:
     return names + ["slices.png"]
 
 
+def _sweep_section(out: Path) -> list[str]:
+    """The trade-off table and plot, when a sweep was written into the same directory."""
+    if not (out / "sweep.json").is_file():
+        return []
+    sweep_result = json.loads((out / "sweep.json").read_text())
+    k, loss = sweep_result["k"], sweep_result["max_loss"]
+    lines = ["## Accuracy-diversity trade-off", "",
+             f"NDCG@{k} without re-ranking: {sweep_result['reference_ndcg']:.4f}. Most diverse setting of each "
+             f"policy while NDCG@{k} stays within {loss:.0%}:", "",
+             f"| policy | strength (ILD) | NDCG@{k} | ILD@{k} | strength (coverage) | category coverage@{k} |",
+             "|---|---|---|---|---|---|"]
+    for name, best in sweep_result["best_within_loss"].items():
+        a, b = best["ild"], best["category_coverage"]
+        lines.append(f"| {name} | {a['strength']} | {a[f'ndcg@{k}']:.4f} | {a[f'ild@{k}']:.3f} | {b['strength']} | "
+                     f"{b[f'category_coverage@{k}']:.3f} |")
+    return lines + ["", "![tradeoff.png](tradeoff.png)", ""]
+
+
 def write_report(result: dict, out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "exposure"}, indent=2))
@@ -247,7 +265,8 @@ def write_report(result: dict, out: Path, title: str) -> None:
              *[f"| {m} | {v:.4f} |" for m, v in result[key].items()], "", "## Slices", "",
              "| slice | users | NDCG@10 | HR@10 |", "|---|---|---|---|",
              *[f"| {s} | {m['users']} | {m.get('ndcg@10', 0):.4f} | {m.get('hr@10', 0):.4f} |"
-               for s, m in result["slices"].items()], "", *[f"![{i}]({i})" for i in images], ""]
+               for s, m in result["slices"].items()], "", *[f"![{i}]({i})" for i in images], "",
+             *_sweep_section(out)]
     markdown = "\n".join(lines)
     (out / "report.md").write_text(markdown)
     body = "".join(f"<pre>{html.escape(line)}</pre>" if line.startswith("|") else

@@ -2,6 +2,8 @@
 
 import json
 import subprocess
+
+import pandas as pd
 import sys
 
 
@@ -20,6 +22,11 @@ def test_demo_runs_end_to_end_with_the_default_backbone(tmp_path):
     results = json.loads((tmp_path / "demo" / "run" / "results.json").read_text())
     assert results["test"]["users"] == 300 and results["parameters"]["backbone_trainable"] > 0
     assert (tmp_path / "demo" / "run" / "best" / "adapter" / "adapter_config.json").is_file()
+    for name in ("metrics.json", "sweep.json", "report.html", "report.md", "tradeoff.png", "exposure.png"):
+        assert (tmp_path / "demo" / "eval" / name).stat().st_size > 0, name
+    assert "Accuracy-diversity trade-off" in (tmp_path / "demo" / "eval" / "report.md").read_text()
+    recs = pd.concat(pd.read_parquet(p) for p in (tmp_path / "demo" / "recs").glob("part-*.parquet"))
+    assert recs["user_id"].nunique() == 300 and (recs["policy"] == "mmr").all()
     assert "[1/4] prepare" in result.stderr and "[2/4] train" in result.stderr and "demo finished" in result.stderr
 
 
