@@ -60,10 +60,7 @@ def beyond_accuracy(lists: torch.Tensor, list_users: np.ndarray, data: dict, vec
     from distrec.diversity import category_profile
 
     profiles = category_profile([history[u] for u in list_users], primary, len(names))
-    multi_hot = torch.zeros(len(items), len(data["all_categories"]), dtype=torch.float64)
-    for row, cats in enumerate(items["categories"]):
-        for c in cats:
-            multi_hot[row, data["all_categories"][c]] = 1.0
+    multi_hot = data["multi_hot"]
     counts = M.exposure(lists, len(items))
     out = {
         "ild_category": M.category_ild(lists, multi_hot),
@@ -90,7 +87,11 @@ def load_data(data_dir: Path, category_level: int = -1) -> dict:
     for cats in items["categories"]:
         for c in cats:
             all_categories.setdefault(c, len(all_categories))
-    return {"items": items, "users": pd.read_parquet(data_dir / "users.parquet"),
+    multi_hot = torch.zeros(len(items), len(all_categories), dtype=torch.float64)  # (I, C) every category
+    for row, cats in enumerate(items["categories"]):
+        for c in cats:
+            multi_hot[row, all_categories[c]] = 1.0
+    return {"items": items, "users": pd.read_parquet(data_dir / "users.parquet"), "multi_hot": multi_hot,
             "test": pd.read_parquet(data_dir / "test.parquet"), "primary": primary, "category_names": names,
             "all_categories": all_categories}
 
@@ -131,7 +132,7 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
     """Every policy over a range of strengths on the test users; the best diversity reached
     while NDCG@k stays within `max_loss` (relative) of no re-ranking."""
     from distrec.config import load_config, to_dict
-    from distrec.score.config import ScoreConfig
+    from distrec.score.config import PolicyConfig, ScoreConfig
     from distrec.score.job import BlockScorer, catalog_and_popularity
 
     data = load_data(data_dir, category_level)
@@ -141,19 +142,20 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
                                                           "category_level": category_level})
     table, popularity = catalog_and_popularity(base_cfg, items)
     histories = list(test["history"])
+    scorer = BlockScorer(to_dict(base_cfg), table, popularity)
+    relevance, candidates, _ = scorer.candidates(histories)  # the same candidates for every policy
+    targets = torch.tensor(test["target"].to_numpy()).unsqueeze(1)
     points = []
     for name, strengths in [("none", [0.0])] + list((policies or SWEEP).items()):
         for strength in strengths:
-            cfg = to_dict(base_cfg)
-            cfg["policy"] = {"name": name, "strength": strength, "window": 0}
-            scorer = BlockScorer(cfg, table, popularity)
-            lists, _, _ = scorer.recommend(histories)
+            scorer.cfg.policy = PolicyConfig(name=name, strength=strength)
+            lists = candidates.gather(1, scorer.rerank(relevance, candidates, histories))
             ranks = torch.full((len(test),), float("inf"), dtype=torch.float64)
-            hit = lists == torch.tensor(test["target"].to_numpy()).unsqueeze(1)
+            hit = lists == targets
             found = hit.any(dim=1)
             ranks[found] = hit[found].float().argmax(dim=1).double() + 1
             beyond = beyond_accuracy(lists, test["user"].to_numpy(), data, scorer.table)
-            points.append({"policy": name, "strength": strength, **{f"ndcg@{k}": M.ranking_metrics(ranks, (k,))[f"ndcg@{k}"]},
+            points.append({"policy": name, "strength": strength, f"ndcg@{k}": M.ranking_metrics(ranks, (k,))[f"ndcg@{k}"],
                            **{f"{m}@{k}": beyond[m] for m in ("ild", "ild_category", "category_coverage", "catalog_coverage")}})
     reference = points[0][f"ndcg@{k}"]
     best = {}

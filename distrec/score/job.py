@@ -105,8 +105,9 @@ class BlockScorer:
         return self.frame.iloc[block * size:(block + 1) * size]
 
     @torch.no_grad()
-    def recommend(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(items (B, k), relevance (B, k), users with an empty history) for a list of histories."""
+    def candidates(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(relevance (B, N), candidates (B, N), users with an empty history): each user's top-N
+        of the whole catalog, seen items excluded; the most popular items for empty histories."""
         cfg = self.cfg
         history = left_pad(histories, 0)
         empty = torch.tensor([len(h) == 0 for h in histories])
@@ -118,8 +119,14 @@ class BlockScorer:
         if empty.any():  # nothing to go on: the most popular items
             pop, pop_items = self.popularity.float().topk(min(cfg.candidates, len(self.popularity)))
             relevance[empty], candidates[empty] = pop, pop_items
+        return relevance, candidates, int(empty.sum())
+
+    @torch.no_grad()
+    def recommend(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(items (B, k), relevance (B, k), users with an empty history) for a list of histories."""
+        relevance, candidates, empty = self.candidates(histories)
         picks = self.rerank(relevance, candidates, histories)
-        return candidates.gather(1, picks), relevance.gather(1, picks), int(empty.sum())
+        return candidates.gather(1, picks), relevance.gather(1, picks), empty
 
     def rerank(self, relevance, candidates, histories) -> torch.Tensor:
         p, k = self.cfg.policy, self.cfg.k
