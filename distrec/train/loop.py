@@ -46,6 +46,7 @@ class TrainerState:
     best_step: int = 0
     bad_evals: int = 0
     done: bool = False
+    seconds: float = 0.0  # training wall time over all sessions of the run (resumes add up)
 
 
 def mixed_precision(choice: str) -> str:
@@ -205,6 +206,7 @@ class Trainer:
 
     def _after_validation(self, metrics: dict, started: float) -> None:
         s, cfg = self.state, self.cfg.train
+        s.seconds = self._seconds_before + time.perf_counter() - started
         self._log({"event": "valid", "step": s.global_step, "epoch": s.epoch,
                    "seconds": round(time.perf_counter() - started, 1),
                    **{f"valid/{k}": v for k, v in metrics.items() if k != "users"}})
@@ -251,6 +253,7 @@ class Trainer:
         if self.model.uses_text:
             self.model.refresh_cache(cfg.train.eval_batch_size)
         started = time.perf_counter()
+        self._seconds_before = s.seconds
         if self.optimizer is None:
             self._save_best()
             return self._finish(0.0, 0)
@@ -285,7 +288,8 @@ class Trainer:
                 if not cfg.train.eval_every:
                     self._after_validation(self._validate(), started)
         bar.close()
-        return self._finish(time.perf_counter() - started, samples)
+        return self._finish(self._seconds_before + time.perf_counter() - started, samples,
+                            time.perf_counter() - started)
 
     def _step(self, batch: dict) -> float:
         acc, model = self.accelerator, self.model
@@ -309,7 +313,7 @@ class Trainer:
             model.pooled_cache[live] = live_pooled.detach().float()
         return float(loss.detach())
 
-    def _finish(self, seconds: float, samples: int) -> dict:
+    def _finish(self, seconds: float, samples: int, session_seconds: float | None = None) -> dict:
         """Test the best checkpoint once (PROTOCOL: the test split is read once per run)."""
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -324,7 +328,8 @@ class Trainer:
         results = {
             "valid": valid, "test": test["all"], "test_cold": test["cold"], "test_warm": test["warm"],
             "best_step": self.state.best_step, "steps": self.state.global_step, "epochs": self.state.epoch,
-            "seconds": round(seconds, 1), "samples_per_s": round(samples * acc.num_processes / max(seconds, 1e-9), 1),
+            "seconds": round(seconds, 1),
+            "samples_per_s": round(samples * acc.num_processes / max(session_seconds or seconds, 1e-9), 1),
             "parameters": self.parameters, "world_size": acc.num_processes, "mixed_precision": acc.mixed_precision,
         }
         self._log({"event": "test", "step": self.state.global_step,

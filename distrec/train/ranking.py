@@ -47,5 +47,5 @@ def evaluate(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, batch
     ranks = torch.from_numpy(split_ranks(model, frame, table, accelerator, batch_size))
     result = {"all": ranking_metrics(ranks)}
     for name, mask in (slices or {}).items():
-        result[name] = ranking_metrics(ranks[torch.from_numpy(np.asarray(mask, dtype=bool))])
+        result[name] = ranking_metrics(ranks[torch.from_numpy(np.array(mask, dtype=bool))])
     return result
