@@ -88,7 +88,8 @@ class Popularity(nn.Module):
 
 class Recommender(nn.Module):
     def __init__(self, cfg: ModelConfig, num_items: int, backbone: nn.Module | None = None,
-                 tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None, pooling: str = "mean"):
+                 tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None, pooling: str = "mean",
+                 seen_items: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.num_items = cfg, num_items
         self.uses_text = cfg.item_repr in ("text", "text+id")
@@ -108,6 +109,12 @@ class Recommender(nn.Module):
             # beside text, IDs start at zero so unseen (cold) items are scored by their text alone
             nn.init.normal_(self.item_embedding.weight, std=0.02) if not self.uses_text \
                 else nn.init.zeros_(self.item_embedding.weight)
+            if self.uses_text:
+                # beside text, only items seen in training use their ID vector: an unseen item's
+                # row only ever receives the softmax's "negative" gradient, which would bury
+                # exactly the cold items the text is there to surface (measured on Beauty)
+                mask = torch.ones(num_items) if seen_items is None else seen_items.float()
+                self.register_buffer("id_mask", mask.unsqueeze(1), persistent=False)
         self.user_tower = UserTower(cfg)
 
     # -- items ---------------------------------------------------------------------------
@@ -143,7 +150,8 @@ class Recommender(nn.Module):
                 pooled = pooled.index_put((live_items,), live_pooled)
             table = self.project(pooled)
         if self.uses_id:
-            table = table + self.item_embedding.weight
+            ids = self.item_embedding.weight
+            table = table + (ids * self.id_mask if self.uses_text else ids)
         return table
 
     # -- users ---------------------------------------------------------------------------

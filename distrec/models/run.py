@@ -51,7 +51,8 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFram
         backbone = apply_peft(backbone, peft_cfg, total_steps)
     tokens, lengths = tokenize_catalog(tokenizer, items["text"].tolist(), model_cfg.max_text_tokens)
     pooling = pooling_for(backbone.base_model if hasattr(backbone, "peft_config") else backbone, model_cfg.pooling)
-    return Recommender(model_cfg, len(items), backbone, tokens, lengths, pooling), tokenizer
+    seen = torch.tensor(items["train_count"].to_numpy() > 0) if "train_count" in items else None
+    return Recommender(model_cfg, len(items), backbone, tokens, lengths, pooling, seen), tokenizer
 
 
 def head_state(model: Recommender, state: dict | None = None) -> dict[str, torch.Tensor]:

@@ -136,3 +136,16 @@ def test_bce_matches_hand_computation():
     else:  # logit 0 -> log 2
         expected = (3.0 * pos + torch.log(torch.tensor(2.0))) / 4.0
     torch.testing.assert_close(loss, expected)
+
+
+def test_text_plus_id_scores_unseen_items_by_text_alone(backbone_dir, items):
+    seen_items = items.assign(train_count=[3, 0, 1, 1, 0, 2, 1, 1])
+    model, _ = build_model(ModelConfig(backbone=backbone_dir, item_repr="text+id", dim=16, heads=2),
+                           PeftConfig(method="lora", r=2), seen_items, 10)
+    model.refresh_cache()
+    with torch.no_grad():
+        model.item_embedding.weight.fill_(5.0)
+        table = model.item_table()
+        text_only = model.project(model.pooled_cache)
+    torch.testing.assert_close(table[[1, 4]], text_only[[1, 4]])  # never trained: text alone
+    torch.testing.assert_close(table[[0, 2]], text_only[[0, 2]] + 5.0)
