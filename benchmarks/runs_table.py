@@ -18,17 +18,34 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wall_time_and_speed(run: Path) -> tuple[float, float]:
+    """Training wall time summed over the run's sessions (a resume starts a new one) and the
+    mean training samples/s, from metrics.jsonl."""
+    total, session_last, speeds = 0.0, 0.0, []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] == "start":
+            total, session_last = total + session_last, 0.0
+        elif record["event"] == "valid":
+            session_last = record["seconds"]
+        elif record["event"] == "train":
+            speeds.append(record["samples_per_s"])
+    return total + session_last, sum(speeds) / len(speeds) if speeds else 0.0
+
+
 def row(run: Path) -> str:
     results = json.loads((run / "results.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     data = Path(cfg["data"]["dir"]).name
-    model = cfg["model"]["item_repr"] + ("" if cfg["model"]["item_repr"] == "id" else f" ({Path(cfg['model']['backbone']).name})")
-    method = "-" if cfg["model"]["item_repr"] == "id" else cfg["peft"]["method"]
+    text = "text" in cfg["model"]["item_repr"]
+    model = cfg["model"]["item_repr"] + (f" ({Path(cfg['model']['backbone']).name})" if text else "")
+    method = cfg["peft"]["method"] if text else "-"
+    seconds, speed = wall_time_and_speed(run)
     t, cold, warm = results["test"], results["test_cold"], results["test_warm"]
     fmt = lambda m: f"{m['ndcg@10']:.4f} / {m['hr@10']:.4f}" if m["users"] else "-"  # noqa: E731
     return (f"| {run.name} | {data} | {model} | {method} | {cfg['seed']} | {results['parameters']['trainable']:,} | "
             f"{results['valid']['ndcg@10']:.4f} | {fmt(t)} | {fmt(cold)} ({cold['users']}) | {fmt(warm)} | "
-            f"{results['steps']} ({results['epochs']} ep) | {results['samples_per_s']:.0f} | {results['seconds'] / 60:.1f} min |")
+            f"{results['steps']} ({results['epochs']} ep) | {speed:.0f} | {seconds / 60:.1f} min |")
 
 
 def main() -> int:
