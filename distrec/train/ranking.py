@@ -31,7 +31,9 @@ def split_ranks(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, ba
         if len(chunk) == 0:  # keep in step with the other ranks
             model.user_vectors(torch.full((1, 1), -1, dtype=torch.long, device=device), table)
             continue
-        history = left_pad(list(chunk["history"]), model.cfg.max_len).to(device)
+        # the whole history: the model reads its last max_len items, but every seen item is
+        # excluded from the ranking (PROTOCOL), not only the ones the model reads
+        history = left_pad(list(chunk["history"]), 0).to(device)
         targets = torch.tensor(chunk["target"].to_numpy(), dtype=torch.long, device=device)
         with accelerator.autocast():
             users = model.user_vectors(history, table)

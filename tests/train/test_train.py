@@ -3,6 +3,8 @@ continuing on new logs, and clear errors before any training starts."""
 
 import json
 
+import torch
+
 import pandas as pd
 import pytest
 
@@ -140,3 +142,17 @@ def test_popularity_baseline_matches_a_brute_force_ranking(data_dir, tmp_path):
         rank = higher + (equal + 1) / 2
         ndcg.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
     assert results["test"]["ndcg@10"] == pytest.approx(np.mean(ndcg))
+
+
+def test_ranking_excludes_the_whole_history_not_only_what_the_model_reads():
+    from accelerate import Accelerator
+
+    from distrec.models.config import ModelConfig
+    from distrec.models.recommender import Popularity
+    from distrec.train.ranking import split_ranks
+
+    # popularity 9, 8, ..., 0: item 0 is the most popular; the model reads 2 history items
+    model = Popularity(ModelConfig(item_repr="popularity", max_len=2), 10, torch.arange(10, 0, -1))
+    frame = pd.DataFrame({"user": [0], "history": [[0, 1, 2, 3]], "target": [5]})
+    ranks = split_ranks(model, frame, model.item_table(), Accelerator(cpu=True), batch_size=4)
+    assert ranks.tolist() == [2.0]  # only item 4 is above the target once 0-3 are all excluded
