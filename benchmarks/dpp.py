@@ -20,7 +20,8 @@ import torch
 
 from distrec import diversity
 
-ROOT = Path(__file__).resolve().parent.parent
+from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
+
 
 
 def dpp_numpy(kernel: np.ndarray, k: int, eps: float = 1e-10) -> list[int]:
@@ -102,10 +103,7 @@ def main() -> int:
         "`python benchmarks/dpp.py " + " ".join(sys.argv[1:]) + "`", "",
         "| policy | users x candidates -> k | NumPy per user (users/s) | batched (users/s) | speed-up | identical picks |",
         "|---|---|---|---|---|---|", *rows, ""])
-    print(text)
-    if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as fh:
-            fh.write("\n" + text)
+    publish(text, append=not args.no_append)
     return 0
 
 

@@ -18,6 +18,8 @@ from distrec.config import load_config
 from distrec.train.config import TrainConfig
 from distrec.train.loop import train
 
+from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("lora", "adalora", "adapter", "full", "frozen")
 
@@ -50,9 +52,7 @@ def main() -> int:
         "| method | backbone trainable | all trainable | samples/s | best valid NDCG@10 | test NDCG@10 | "
         "test NDCG@10 cold items | wall time |",
         "|---|---|---|---|---|---|---|---|", *rows, ""])
-    print(text)
-    with open(ROOT / "BENCHMARKS.md", "a") as fh:
-        fh.write("\n" + text)
+    publish(text)
     return 0
 
 

@@ -22,6 +22,8 @@ from distrec.config import load_config
 from distrec.data.config import PrepareConfig
 from distrec.data.prepare import prepare
 
+from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
+
 ROOT = Path(__file__).resolve().parent.parent
 # published counts (PROTOCOL.md, ../shared/data/README.md): users, items, interactions
 CASES = [
@@ -64,10 +66,7 @@ def main() -> int:
         "| data set | rows read | rejected | users / items / interactions | published | match | shards | wall time |",
         "|---|---|---|---|---|---|---|---|",
         *rows, ""])
-    print(table)
-    if rows and not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as fh:
-            fh.write("\n" + table)
+    publish(table, append=bool(rows) and not args.no_append)
     return 1 if failures else 0
 
 

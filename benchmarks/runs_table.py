@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
+
 
 
 def wall_time_and_speed(run: Path) -> tuple[float, float]:
@@ -61,10 +62,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              *[row(r) for r in args.runs], ""]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as fh:
-            fh.write("\n" + text)
+    publish(text, append=not args.no_append)
     return 0
 
 

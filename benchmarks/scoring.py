@@ -22,7 +22,8 @@ import torch
 
 from distrec.score.kernel import FaissTopK, top_candidates
 
-ROOT = Path(__file__).resolve().parent.parent
+from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
+
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -122,10 +123,7 @@ def main() -> int:
         f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in this run)", "",
         "`python benchmarks/scoring.py " + " ".join(sys.argv[1:]) + "`", "",
         "| method | users/s | GFLOP/s | fraction of peak |", "|---|---|---|---|", *rows, job_line])
-    print(text)
-    if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as fh:
-            fh.write("\n" + text)
+    publish(text, append=not args.no_append)
     return 0
 
 
