@@ -13,7 +13,6 @@ import math
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -116,22 +115,24 @@ def test_bad_input_fails_before_any_work(cli, trained, tmp_path):
 def test_killed_job_rerun_scores_every_user_exactly_once(trained, tmp_path):
     out = tmp_path / "recs"
     args = [sys.executable, "-m", "distrec", "score", "--run", str(trained / "run"), "--data", str(trained / "data"),
-            "--out", str(out), "batch_size=20", "actors=1", "policy.name=dpp"]
+            "--out", str(out), "batch_size=2", "actors=1", "policy.name=dpp"]
     job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    # the local Ray's workers live in their own sessions: stop them too, as a crashed node would
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    # (no `ray stop`: it would also take down the Ray this test process uses; the killed
+    # job's own Ray processes share its fate, and a block they finish meanwhile is simply done)
     parts_before = len(list(out.glob("part-*.parquet")))
-    assert 3 <= parts_before < 15, "the job finished before it could be killed"
+    assert 3 <= parts_before < 150, "the job finished before it could be killed"
     assert subprocess.run(args[:-1] + ["policy.name=dpp"], capture_output=True).returncode == 0
     recs = read_recommendations(out)
     assert recs.groupby("user_id").size().eq(20).all() and recs["user_id"].nunique() == 300
+    assert len(recs) == 300 * 20  # every user exactly once
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["blocks_skipped"] == parts_before and summary["users_scored"] == 300 - 20 * parts_before
+    assert summary["blocks_skipped"] >= parts_before
+    assert summary["users_scored"] == 300 - 2 * summary["blocks_skipped"]
 
 
 def test_sweep_draws_the_tradeoff_and_picks_within_the_loss(trained, tmp_path):
