@@ -196,7 +196,7 @@ def category_profile(histories: list, item_categories: torch.Tensor, num_categor
     """(B, C) each user's category distribution over their history (uniform if empty)."""
     profile = torch.zeros(len(histories), num_categories, dtype=torch.float64)
     for row, history in enumerate(histories):
-        cats = item_categories[torch.as_tensor(history, dtype=torch.long)] if len(history) else torch.empty(0)
+        cats = item_categories[torch.tensor(list(history), dtype=torch.long)] if len(history) else torch.empty(0)
         cats = cats[cats >= 0]
         if len(cats):
             profile[row] = torch.bincount(cats, minlength=num_categories).double()
