@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,11 +165,3 @@ class Records:
                                  f"({', '.join(self.header)}), found {len(fields)}{where}", rows=span)
                 else:
                     yield first, fields
-
-
-def parse_float(text: str) -> float:
-    """A finite float, or ValueError (NaN and infinities are not timestamps or ratings)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not finite")
-    return value
