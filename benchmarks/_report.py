@@ -1,12 +1,25 @@
-"""Shared by the benchmark scripts: print a result section and append it to BENCHMARKS.md."""
+"""Shared by the benchmark scripts: print a result section and put it into BENCHMARKS.md.
+
+A section is keyed by its first line (the `## ` heading): a re-run replaces the section it
+made before instead of appending a second copy, so BENCHMARKS.md holds the latest figures.
+"""
 
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+FIGURES = Path(__file__).resolve().parent / "figures"
 
 
 def publish(text: str, append: bool = True) -> None:
     print(text)
-    if append:
-        with open(BENCHMARKS, "a") as fh:
-            fh.write("\n" + text)
+    if not append:
+        return
+    heading = text.strip().splitlines()[0]
+    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    start = old.find(heading + "\n") if heading.startswith("## ") else -1
+    if start >= 0:
+        end = old.find("\n## ", start + len(heading))
+        new = old[:start] + text.strip() + "\n" + (old[end:] if end >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text.strip() + "\n"
+    BENCHMARKS.write_text(new)

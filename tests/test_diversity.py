@@ -99,29 +99,59 @@ def calibration_reference(rel, cats, profile, k, weight, a=0.01):
 
 # --- the checks ------------------------------------------------------------------------
 
+MMR_PATHS = {"default": diversity.mmr, "torch": diversity._mmr_torch}
+
+
+@pytest.mark.parametrize("path", MMR_PATHS)
 @pytest.mark.parametrize("seed, batch, n, d", CASES)
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.7])
-def test_mmr(seed, batch, n, d, lam):
+def test_mmr(path, seed, batch, n, d, lam):
     relevance, vectors, _ = _case(seed, batch, n, d)
-    picks = diversity.mmr(relevance, vectors, 6, lam)
+    picks = MMR_PATHS[path](relevance, vectors, 6, lam)
     for b in range(batch):
         assert picks[b].tolist() == mmr_reference(relevance[b].numpy(), vectors[b].numpy(), 6, lam)
 
 
+DPP_PATHS = {"default": diversity.dpp,  # the compiled kernel on CPU
+             "torch": lambda r, v, k, t, w=0: diversity._dpp_torch(r, v, min(k, r.shape[1]), t, w, 1e-5)}
+
+
+@pytest.mark.parametrize("path", DPP_PATHS)
 @pytest.mark.parametrize("seed, batch, n, d", CASES)
 @pytest.mark.parametrize("tradeoff, window", [(0.5, 0), (0.9, 0), (0.2, 0), (0.7, 3), (0.7, 1)])
-def test_dpp(seed, batch, n, d, tradeoff, window):
+def test_dpp(path, seed, batch, n, d, tradeoff, window):
     relevance, vectors, _ = _case(seed, batch, n, d)
     k = min(d, 6) if not window else 6  # a full-rank kernel can hold at most d items
-    picks = diversity.dpp(relevance, vectors, k, tradeoff, window)
+    picks = DPP_PATHS[path](relevance, vectors, k, tradeoff, window)
     for b in range(batch):
         assert picks[b].tolist() == dpp_reference(relevance[b].double().numpy(), vectors[b].double().numpy(), k,
                                                   tradeoff, window)
 
 
-def test_dpp_fills_by_relevance_once_the_kernel_is_exhausted():
+def test_cpu_paths_are_the_compiled_kernels():
+    assert diversity._dpp_cpu is not None and diversity._mmr_cpu is not None, "numba is a dependency"
+
+
+def test_mmr_compiled_and_torch_paths_agree_on_larger_cases():
+    gen = torch.Generator().manual_seed(8)
+    relevance, vectors = torch.randn(300, 120, generator=gen), torch.randn(300, 120, 32, generator=gen)
+    for k, lam in ((1, 0.3), (10, 0.3), (40, 0.8)):
+        assert torch.equal(diversity.mmr(relevance, vectors, k, lam), diversity._mmr_torch(relevance, vectors, k, lam))
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_dpp_compiled_and_torch_paths_agree_on_larger_cases(window):
+    gen = torch.Generator().manual_seed(7)
+    relevance, vectors = torch.randn(300, 120, generator=gen), torch.randn(300, 120, 32, generator=gen)
+    for k in (1, 10, 40):
+        assert torch.equal(diversity.dpp(relevance, vectors, k, 0.6, window),
+                           diversity._dpp_torch(relevance, vectors, k, 0.6, window, 1e-5))
+
+
+@pytest.mark.parametrize("path", DPP_PATHS)
+def test_dpp_fills_by_relevance_once_the_kernel_is_exhausted(path):
     relevance, vectors, _ = _case(0, 2, 10, 2)  # rank 2: only 2 items add volume
-    picks = diversity.dpp(relevance, vectors, 5, 0.5)
+    picks = DPP_PATHS[path](relevance, vectors, 5, 0.5)
     assert len(set(picks[0].tolist())) == 5
     rest = [i for i in torch.argsort(relevance[0], descending=True).tolist() if i not in picks[0, :2].tolist()]
     assert picks[0, 2:].tolist() == rest[:3]
@@ -186,3 +216,44 @@ def test_category_profile():
     item_categories = torch.tensor([0, 1, 1, -1])
     profile = diversity.category_profile([[0, 1, 2, 3], []], item_categories, 2)
     assert profile.tolist() == [[1 / 3, 2 / 3], [0.5, 0.5]]
+
+
+PADDED_POLICIES = {
+    "top_k": lambda r, v, c, p, k: diversity.top_k(r, k),
+    "mmr": lambda r, v, c, p, k: diversity.mmr(r, v, k, 0.4),
+    "mmr_torch": lambda r, v, c, p, k: diversity._mmr_torch(r, v, k, 0.4),
+    "dpp": lambda r, v, c, p, k: diversity.dpp(r, v, k, 0.6),
+    "dpp_torch": lambda r, v, c, p, k: diversity._dpp_torch(r, v, min(k, r.shape[1]), 0.6, 0, 1e-5),
+    "dpp_window": lambda r, v, c, p, k: diversity.dpp(r, v, k, 0.6, 3),
+    "category_cap": lambda r, v, c, p, k: diversity.category_cap(r, c, k, 1),
+    "calibration": lambda r, v, c, p, k: diversity.calibrated(r, c, p, k, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", PADDED_POLICIES)
+@pytest.mark.parametrize("k", [4, 9])
+def test_padding_is_picked_last_and_changes_nothing_else(name, k):
+    """-inf relevance marks padding (fewer unseen items than candidates): a user's picks are
+    those of the same policy on the real candidates alone, then the padding by position."""
+    policy = PADDED_POLICIES[name]
+    relevance, vectors, categories = _case(11, 4, 12, 6)
+    profile = torch.softmax(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)), dim=1).double()
+    padded = relevance.clone()
+    pad = torch.zeros_like(relevance, dtype=torch.bool)
+    pad[:, [1, 5, 6, 10, 11]] = True  # 7 real candidates
+    padded[pad] = float("-inf")
+    picks = policy(padded, vectors, categories, profile, k)
+    for b in range(4):
+        real = (~pad[b]).nonzero().squeeze(1)
+        alone = policy(relevance[b:b + 1, real], vectors[b:b + 1, real], categories[b:b + 1, real],
+                       profile[b:b + 1], min(k, len(real)))[0]
+        expected = real[alone].tolist() + pad[b].nonzero().squeeze(1).tolist()[: max(0, k - len(real))]
+        assert picks[b].tolist() == expected
+
+
+def test_exposure_cap_prefers_full_items_to_padding():
+    relevance = torch.tensor([[3.0, float("-inf"), 2.0, 1.0]])
+    items = torch.tensor([[0, 1, 2, 3]])
+    shown = torch.tensor([0, 0, 5, 5])
+    picks = diversity.exposure_capped(relevance, items, 4, 5, shown)
+    assert picks[0].tolist() == [0, 2, 3, 1]
