@@ -8,6 +8,7 @@ naming the file, the line and what was expected, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,8 @@ def run_train(args) -> int:
 
     results = train(cfg, resume=args.resume, init_from=args.init_from)
     test = results["test"]
+    if int(os.environ.get("RANK", "0")) != 0:  # one line per job, not per process
+        return 0
     print(f"test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
           f"(cold items: NDCG@10 {results['test_cold']['ndcg@10']:.4f}, {results['test_cold']['users']} users)  "
           f"-> {cfg.run.dir}/results.json", file=sys.stderr)

@@ -64,7 +64,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 errors.append(e)
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool) and not value and "no" in get_args(tp):
+            return "no"  # YAML reads a bare `no` as false
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         raise ConfigError(
             f"{path}: expected one of {_type_name(tp)}, got {value!r}"

@@ -87,23 +87,32 @@ class EpochPlan:
                 else np.arange(shard_sizes[s])
             pieces.append(np.stack([np.full(shard_sizes[s], s), inner], axis=1))
         self.order = np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
-        per_rank = [total // world_size + (r < total % world_size) for r in range(world_size)]
-        self.rank_start = np.concatenate([[0], np.cumsum(per_rank)])
-        self.steps = math.ceil(max(per_rank) / batch_size)
-        if min(per_rank) < self.steps:
+        # Global-batch major: step i takes the next g_i samples of the order and splits them
+        # over the ranks. The union of the ranks' batches at a step is then the batch one
+        # process would get at batch size world x batch: a run's data order, and so its loss
+        # curve, does not depend on how many processes share it.
+        self.world_size = world_size
+        self.steps = max(1, math.ceil(total / (world_size * batch_size)))
+        sizes = np.array([total // self.steps + (i < total % self.steps) for i in range(self.steps)])
+        if sizes.min() < world_size:
             raise DataError(f"{total} samples over {world_size} ranks at batch size {batch_size} cannot give "
-                            "every rank the same number of non-empty steps; lower the batch size")
-        self.per_rank = per_rank
+                            "every rank a non-empty batch at every step; lower the batch size")
+        self.step_sizes = sizes
+        self.step_start = np.concatenate([[0], np.cumsum(sizes)])
+
+    def _split(self, step: int) -> np.ndarray:
+        g, w = int(self.step_sizes[step]), self.world_size
+        # the spare samples go to different ranks from step to step, so totals stay balanced
+        return np.array([g // w + ((r - step) % w < g % w) for r in range(w)])
 
     def batch_sizes(self, rank: int) -> np.ndarray:
-        n, s = self.per_rank[rank], self.steps
-        return np.array([n // s + (i < n % s) for i in range(s)])
+        return np.array([self._split(i)[rank] for i in range(self.steps)])
 
     def step_samples(self, rank: int, step: int) -> np.ndarray:
         """(shard, position) rows of the samples of `rank` at `step`."""
-        sizes = self.batch_sizes(rank)
-        start = self.rank_start[rank] + sizes[:step].sum()
-        return self.order[start:start + sizes[step]]
+        split = self._split(step)
+        start = self.step_start[step] + split[:rank].sum()
+        return self.order[start:start + split[rank]]
 
 
 def _read_shard(path: Path, expected_sha: str | None) -> list[tuple[str, bytes]]:

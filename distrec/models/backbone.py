@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 from pathlib import Path
 
@@ -33,13 +35,33 @@ def resolve(name: str) -> str:
     return name  # a hub name: loads if it is cached or the hub is reachable
 
 
+@contextlib.contextmanager
+def _whole_weights():
+    """Load with whole weights even when a ZeRO-3 engine lives in this process: transformers
+    would otherwise build the model inside deepspeed.zero.Init (partitioned, unusable outside
+    the engine; and its weight init fails on embeddings with a padding_idx). distrec builds
+    models whole and lets the engine partition them."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without its deepspeed module
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_backbone(name: str, trust_remote_code: bool = False, dropout: float | None = None):
     """(model, tokenizer) from a path, alias or hub name; a clear error if it cannot load.
     `dropout` replaces the probability of every dropout inside the backbone."""
     path = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _whole_weights():
+            model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.backbone={name!r}: cannot load it ({first}); give a local directory "

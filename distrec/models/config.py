@@ -49,8 +49,11 @@ class PeftConfig:
     target_modules: Optional[list[str]] = doc(
         "module names to adapt (null = every linear layer of the transformer blocks)", default=None)
     adalora_init_r: int = doc("AdaLoRA starting rank per module", default=12)
+    adalora_orth_reg: float = doc("AdaLoRA orthogonality regulariser weight (PEFT's default)", default=0.5)
     adapter_size: int = doc("bottleneck width of the Houlsby adapters", default=64)
 
     def __post_init__(self):
+        if self.adalora_orth_reg < 0:
+            raise ValueError("peft.adalora_orth_reg must be >= 0")
         if self.r < 1 or self.adalora_init_r < self.r or self.adapter_size < 1:
             raise ValueError("peft.r >= 1, peft.adalora_init_r >= peft.r and peft.adapter_size >= 1 required")

@@ -7,6 +7,7 @@ saves only what it trained (`save_backbone`) and reloads onto a fresh backbone
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module
         # rank budget: warm up 10% of training, prune ranks until 70%, then hold (AdaLoRA paper's shape)
         total = max(total_steps, 10)
         peft_cfg = AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.r, lora_alpha=cfg.alpha,
+                                 orth_reg_weight=cfg.adalora_orth_reg,
                                  lora_dropout=cfg.dropout, target_modules=targets, total_step=total,
                                  tinit=total // 10, tfinal=total * 3 // 10, deltaT=max(1, total // 100))
     try:
@@ -61,15 +63,89 @@ def is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def adalora_step(model: nn.Module, step: int) -> None:
-    """AdaLoRA's importance update and rank re-allocation; call after backward, before zero_grad."""
+def _adalora(model: nn.Module):
+    """(AdaLoRA config, its rank allocator, the model it allocates over) of a PEFT AdaLoRA
+    model, else None. The allocator works on the tuner's inner model (parameter names without
+    PEFT's `base_model.model.` prefix), as PEFT's own update_and_allocate does."""
     if is_peft(model) and model.peft_config["default"].peft_type.value == "ADALORA":
-        model.base_model.update_and_allocate(step)
+        return model.peft_config["default"], model.base_model.rankallocator, model.base_model.model
+    return None
+
+
+def _gathered(params: list, modifier_rank: int | None = None):
+    """All of `params` whole while inside (DeepSpeed ZeRO-3 partitions them); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def adalora_update_importance(model: nn.Module, step: int, full_grad=None) -> None:
+    """AdaLoRA, part 1, after backward and BEFORE the optimizer step: update the importance
+    scores from the gradients. `full_grad(p)` fetches a gradient where the optimizer keeps it
+    (DeepSpeed: `deepspeed.utils.safe_get_full_grad`; `p.grad` is None there), else p.grad.
+
+    Stock PEFT does both parts in one call after the step, which under DeepSpeed finds no
+    gradients (ZeRO-2 crashes) and masks weights the fp32 master copy then overwrites."""
+    found = _adalora(model)
+    if found is None:
+        return
+    cfg, allocator, inner = found
+    if step >= cfg.total_step - cfg.tfinal:
+        return
+    if full_grad is None:
+        allocator.update_ipt(inner)
+        return
+    params = [p for n, p in inner.named_parameters() if "lora_" in n and allocator.adapter_name in n]
+    with _gathered(params):
+        for p in params:
+            p.grad = full_grad(p)
+        try:
+            allocator.update_ipt(inner)
+        finally:
+            for p in params:
+                p.grad = None
+
+
+def adalora_apply_masks(model: nn.Module, step: int, write_master=None) -> None:
+    """AdaLoRA, part 2, AFTER the optimizer step: prune the singular values to the rank budget
+    of this step (or re-apply the final pattern). `write_master(p, value)` also writes the
+    masked values into the optimizer's fp32 master copy (DeepSpeed:
+    `deepspeed.utils.safe_set_full_fp32_param`), so the next step does not undo the mask.
+    Every rank computes the same masks (same averaged gradients, same weights)."""
+    found = _adalora(model)
+    if found is None:
+        return
+    cfg, allocator, inner = found
+    final = cfg.total_step - cfg.tfinal
+    singular = [p for n, p in inner.named_parameters() if f"lora_E.{allocator.adapter_name}" in n]
+    with _gathered(singular, modifier_rank=0), torch.no_grad():
+        if step < final:
+            budget, mask_now = allocator.budget_schedule(step)
+            if not mask_now:
+                return
+            pattern = allocator.mask_to_budget(inner, budget)
+            if pattern:
+                cfg.rank_pattern = pattern
+        elif step == final:
+            budget, _ = allocator.budget_schedule(step)
+            cfg.rank_pattern = allocator.mask_to_budget(inner, budget)
+            allocator.reset_ipt()
+        elif cfg.rank_pattern:
+            allocator.mask_using_rank_pattern(inner, cfg.rank_pattern)
+        else:
+            return
+        if write_master is not None:
+            for p in singular:
+                write_master(p, p.data.clone())
 
 
 def adalora_orth_loss(model: nn.Module) -> torch.Tensor | None:
     """AdaLoRA's orthogonality regulariser (PEFT adds it only when the model computes the loss)."""
     if not (is_peft(model) and model.peft_config["default"].peft_type.value == "ADALORA"):
+        return None
+    if not model.peft_config["default"].orth_reg_weight:
         return None
     terms = []
     for name, param in model.named_parameters():

@@ -22,6 +22,7 @@ from torch import nn
 
 from distrec.models import losses
 from distrec.models.backbone import pool
+from distrec.models.peft_methods import adalora_orth_loss
 from distrec.models.config import ModelConfig
 
 
@@ -151,6 +152,8 @@ class Recommender(nn.Module):
             table = self.project(pooled)
         if self.uses_id:
             ids = self.item_embedding.weight
+            if hasattr(ids, "ds_id"):  # DeepSpeed ZeRO-3 partitions it: a module call gathers it
+                ids = self.item_embedding(torch.arange(self.num_items, device=ids.device))
             table = table + (ids * self.id_mask if self.uses_text else ids)
         return table
 
@@ -171,7 +174,8 @@ class Recommender(nn.Module):
     def forward(self, history: torch.Tensor, target: torch.Tensor, live_items: torch.Tensor | None = None):
         """Loss of predicting each next item: history[t+1] from position t, target from the last.
 
-        Returns (loss, live_pooled) so the caller can write fresh rows into the cache.
+        Returns (loss, live_pooled, regulariser): live_pooled so the caller can write fresh
+        rows into the cache; regulariser = AdaLoRA's orthogonality term (0 otherwise).
         """
         history = history[:, -self.cfg.max_len:]
         live_pooled = self.encode_text(live_items) if live_items is not None else None
@@ -187,4 +191,13 @@ class Recommender(nn.Module):
             loss = losses.sampled_softmax(states, labels, table, o.num_negatives, o.log_q)
         else:
             loss = losses.binary_cross_entropy(states, labels, table, o.bce_negatives, o.pos_weight)
-        return loss, live_pooled
+        regulariser = adalora_orth_loss(self.backbone) if self.uses_text else None
+        return loss, live_pooled, regulariser if regulariser is not None else torch.zeros((), device=loss.device)
+
+    def adalora_dict_params(self) -> list[nn.Parameter]:
+        """AdaLoRA's A, E, B and rank counters: they sit in ParameterDicts that are never called,
+        so ZeRO-3's per-module gathering never sees them (DeepSpeed keeps them whole instead)."""
+        if not self.uses_text:
+            return []
+        return [p for m in self.backbone.modules() if isinstance(getattr(m, "lora_E", None), nn.ParameterDict)
+                for attr in ("lora_A", "lora_B", "lora_E", "ranknum") for p in getattr(m, attr).values()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -27,7 +28,7 @@ from transformers import get_scheduler
 from distrec.config import ConfigError, save_config
 from distrec.data.shards import ShardedSamples
 from distrec.models.losses import inclusion_log_q
-from distrec.models.peft_methods import adalora_orth_loss, adalora_step, count_parameters
+from distrec.models.peft_methods import adalora_apply_masks, adalora_update_importance, count_parameters
 from distrec.models.run import build_model, load_model, read_model_json, save_model, trainable_backbone
 from distrec.train.config import TrainConfig
 from distrec.train.ranking import evaluate
@@ -94,22 +95,83 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _check_launch(on_gpu: bool) -> None:
+    """A launcher config that cannot work on this machine fails here, not in a hang."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    if on_gpu and local > torch.cuda.device_count():
+        raise ConfigError(f"{local} processes on this node but {torch.cuda.device_count()} GPU(s): set "
+                          "num_processes (accelerate) or ray.num_workers to at most the GPUs per node")
+    expected = os.environ.get("DISTREC_EXPECT_WORLD_SIZE")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if expected and int(expected) != world:
+        raise ConfigError(f"the launcher started a world of {world} process(es), {expected} expected: check the "
+                          "accelerate config (on CPU use configs/accelerate/cpu_*.yaml; `--cpu --num_processes N` "
+                          "and MULTI_CPU configs start one process)")
+
+
+def _fill_deepspeed(plugin, cfg: TrainConfig, world: int, model) -> None:
+    """Fill the DeepSpeed config's "auto" values accelerate cannot fill itself (it takes them
+    from a prepared DataLoader and an HF model's config; distrec has neither) and refuse what
+    distrec cannot honour."""
+    conf = plugin.deepspeed_config
+    for section in ("optimizer", "scheduler"):
+        if section in conf:
+            raise ConfigError(f"the DeepSpeed config has an {section!r} section: distrec brings its own AdamW "
+                              "(backbone and head learning rates) and schedule; remove the section")
+    t = cfg.train
+    conf["train_micro_batch_size_per_gpu"] = t.batch_size
+    conf["gradient_accumulation_steps"] = t.grad_accum
+    conf["train_batch_size"] = t.batch_size * t.grad_accum * world
+    if conf.get("gradient_clipping", "auto") == "auto":
+        conf["gradient_clipping"] = t.clip_grad
+    hidden = model.backbone.config.hidden_size if model.uses_text else model.cfg.dim
+    zero = conf.setdefault("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden * hidden),  # the sizes HF's integration uses
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if model.adalora_dict_params() and zero.get("stage") == 3:
+        # AdaLoRA keeps A, E, B in ParameterDicts that are never called: ZeRO-3 gathers weights
+        # per module call and never gathers these. Making them persistent gets the forward
+        # through, then DeepSpeed 0.19's prefetch trace rejects the step (measured here).
+        raise ConfigError("peft.method=adalora does not run under DeepSpeed ZeRO-3 (its weights sit outside "
+                          "any module call, which ZeRO-3 needs to gather them): use ZeRO-2 "
+                          "(configs/accelerate/*zero2.yaml) or peft.method=lora|adapter with ZeRO-3")
+
+
+def _offloads_optimizer(plugin) -> bool:
+    offload = (plugin.deepspeed_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, init_from: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, init_from: str | None = None,
+                 deepspeed_plugin=None, on_checkpoint=None):
+        """`deepspeed_plugin`: DeepSpeed without `accelerate launch` (Ray workers). `on_checkpoint(record)`
+        is called on every rank after each checkpoint (Ray reports it to its controller)."""
+        self.on_checkpoint = on_checkpoint
         if cfg.data.dir is None or cfg.run.dir is None:
             raise ConfigError("data.dir and run.dir are required (e.g. data.dir=data/ml-1m run.dir=runs/x)")
         self.cfg, self.resume = cfg, resume
         self.data_dir, self.run_dir = Path(cfg.data.dir), Path(cfg.run.dir)
         self.manifest = _check_data(self.data_dir)
         self._check_run_dir(init_from)
+        on_gpu = torch.cuda.is_available()
+        _check_launch(on_gpu)
+        self.deepspeed = deepspeed_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         handlers = []
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # gloo on CPU (no NCCL there); DISTREC_DIST_TIMEOUT short in tests so a hang fails fast
             handlers.append(InitProcessGroupKwargs(
-                backend="nccl" if torch.cuda.is_available() else "gloo",
+                backend="nccl" if on_gpu else "gloo",
                 timeout=timedelta(seconds=int(os.environ.get("DISTREC_DIST_TIMEOUT", 1800)))))
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision(cfg.train.mixed_precision),
+            # without a GPU: cpu=True makes a multi-process launch one gloo DDP world (accelerate's
+            # own CPU launch modes start a single process); DeepSpeed must not get it (it would be
+            # dropped) and runs fp32 on CPU
+            cpu=not on_gpu and not self.deepspeed, deepspeed_plugin=deepspeed_plugin,
+            mixed_precision="no" if self.deepspeed and not on_gpu else mixed_precision(cfg.train.mixed_precision),
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.trackers or None, project_dir=str(self.run_dir), kwargs_handlers=handlers)
         set_seed(cfg.seed)
@@ -127,12 +189,23 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         self.parameters = {"trainable": trainable, "total": total,
                            "backbone_trainable": count_parameters(self.model.backbone)[0] if self.model.uses_text else 0}
+        plugin = acc.state.deepspeed_plugin if self.deepspeed else None
         if trainable == 0:  # the popularity baseline: nothing to optimise, evaluate as is
+            if plugin is not None:
+                raise ConfigError("model.item_repr=popularity has nothing to train: run it without DeepSpeed")
             self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model), None, None
         else:
             self._set_objective(torch.tensor(self.items["train_count"].to_numpy()),
                                 cfg.train.batch_size * cfg.model.max_len)
-            optimizer = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.train.lr)
+            if plugin is not None:
+                _fill_deepspeed(plugin, cfg, acc.num_processes, self.model)
+            if plugin is not None and _offloads_optimizer(plugin):
+                # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam (built on first use)
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer = DeepSpeedCPUAdam(_param_groups(self.model, cfg), lr=cfg.train.lr, adamw_mode=True)
+            else:
+                optimizer = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.train.lr)
             scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
                 cfg.train.schedule], optimizer, num_warmup_steps=cfg.train.warmup_steps,
                 num_training_steps=self.total_steps)
@@ -171,7 +244,9 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         acc.wait_for_everyone()
+        staging.mkdir(parents=True, exist_ok=True)  # every rank writes into it (its RNG state, ZeRO shards)
         acc.save_state(str(staging), safe_serialization=True)
+        acc.wait_for_everyone()  # every rank's files are in before the directory is published
         if acc.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
             shutil.rmtree(last, ignore_errors=True)
@@ -220,6 +295,11 @@ class Trainer:
         if s.global_step >= self.total_steps:
             s.done = True
         self._save_last()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint({"step": s.global_step, "epoch": s.epoch, **{f"valid/{k}": v for k, v in metrics.items()}})
+        crash = os.environ.get("DISTREC_CRASH_AFTER_STEP")  # fault injection for the resume tests
+        if crash and not self.resume and s.global_step >= int(crash):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the loop ------------------------------------------------------------------------
     def _live_items(self, target: torch.Tensor) -> torch.Tensor:
@@ -248,6 +328,8 @@ class Trainer:
             acc.load_state(str(self.run_dir / "last"))
             self.state = s = TrainerState(**json.loads((self.run_dir / "last" / "trainer_state.json").read_text()))
         self._log({"event": "start", "step": s.global_step, "world_size": acc.num_processes,
+                   "distributed": str(acc.distributed_type).rsplit(".", 1)[-1],
+                   "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
                    "mixed_precision": acc.mixed_precision, "total_steps": self.total_steps,
                    "steps_per_epoch": len(self.dataset), **{f"params/{k}": v for k, v in self.parameters.items()}})
         if self.model.uses_text:
@@ -273,9 +355,11 @@ class Trainer:
                 bar.update(1)
                 if s.global_step % cfg.train.log_every == 0:
                     elapsed = time.perf_counter() - started
-                    self._log({"event": "train", "step": s.global_step, "loss": window_loss / window_steps,
+                    # the mean over ranks: what one process with the whole global batch would report
+                    window = float(acc.reduce(torch.tensor(window_loss / window_steps, device=acc.device), "mean"))
+                    self._log({"event": "train", "step": s.global_step, "loss": window,
                                "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples * acc.num_processes / elapsed})
-                    bar.set_postfix(loss=f"{window_loss / window_steps:.4f}")
+                    bar.set_postfix(loss=f"{window:.4f}")
                     window_loss, window_steps = 0.0, 0
                 if self.learns_text and cfg.train.cache_refresh_steps and s.global_step % cfg.train.cache_refresh_steps == 0:
                     self.model.refresh_cache(cfg.train.eval_batch_size)
@@ -294,21 +378,36 @@ class Trainer:
     def _step(self, batch: dict) -> float:
         acc, model = self.accelerator, self.model
         history, target = batch["history"].to(acc.device), batch["target"].to(acc.device)
+        step = self.state.global_step
         with acc.accumulate(self.wrapped):
             live = self._live_items(target) if self.learns_text else None
             with acc.autocast():
-                loss, live_pooled = self.wrapped(history, target, live)
-                regulariser = adalora_orth_loss(model.backbone) if model.uses_text else None
-                total = loss + regulariser if regulariser is not None else loss
-            acc.backward(total)
-            if acc.sync_gradients:
-                if self.cfg.train.clip_grad:
-                    acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.train.clip_grad)
-                if model.uses_text:
-                    adalora_step(model.backbone, self.state.global_step)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
+                loss, live_pooled, regulariser = self.wrapped(history, target, live)
+            if self.deepspeed:
+                # the engine directly (accelerate's backward also steps): AdaLoRA must read the
+                # gradients between backward and step, and mask the fp32 master after it
+                from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
+
+                engine = self.wrapped
+                engine.backward(loss + regulariser)
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary and model.uses_text:
+                    adalora_update_importance(model.backbone, step, safe_get_full_grad)
+                engine.step()  # clips (config gradient_clipping), steps the optimizer and the schedule
+                if boundary and model.uses_text:
+                    adalora_apply_masks(model.backbone, step, safe_set_full_fp32_param)
+            else:
+                acc.backward(loss + regulariser)
+                if acc.sync_gradients:
+                    if self.cfg.train.clip_grad:
+                        acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.train.clip_grad)
+                    if model.uses_text:
+                        adalora_update_importance(model.backbone, step)
+                self.optimizer.step()
+                if acc.sync_gradients and model.uses_text:
+                    adalora_apply_masks(model.backbone, step)
+                self.scheduler.step()
+                self.optimizer.zero_grad()
         if live is not None:
             model.pooled_cache[live] = live_pooled.detach().float()
         return float(loss.detach())
@@ -340,5 +439,6 @@ class Trainer:
         return results
 
 
-def train(cfg: TrainConfig, resume: bool = False, init_from: str | None = None) -> dict:
-    return Trainer(cfg, resume, init_from).fit()
+def train(cfg: TrainConfig, resume: bool = False, init_from: str | None = None, deepspeed_plugin=None,
+          on_checkpoint=None) -> dict:
+    return Trainer(cfg, resume, init_from, deepspeed_plugin, on_checkpoint).fit()

@@ -28,9 +28,9 @@ def test_plan_is_exact_once_with_equal_steps(sizes, world, batch, epoch):
     try:
         plan = EpochPlan(sizes, world, batch, epoch=epoch, seed=1)
     except DataError:
-        # only refused when some rank would have fewer samples than the common step count
-        most, fewest = -(-total // world), total // world
-        assert total < world or fewest < -(-most // batch)
+        # only refused when some step would leave a rank without a sample
+        steps = max(1, -(-total // (world * batch)))
+        assert total // steps < world
         return
     seen = []
     for rank in range(world):
@@ -41,6 +41,21 @@ def test_plan_is_exact_once_with_equal_steps(sizes, world, batch, epoch):
             seen += [tuple(r) for r in plan.step_samples(rank, step)]
     expected = [(s, p) for s, n in enumerate(sizes) for p in range(n)]
     assert sorted(seen) == expected  # every sample once, none twice
+
+
+@settings(max_examples=100, deadline=None)
+@given(total=st.integers(8, 200), world=st.integers(2, 4), batch=st.integers(1, 9), epoch=st.integers(0, 3))
+def test_a_step_holds_the_same_samples_whatever_the_world_size(total, world, batch, epoch):
+    """The ranks' batches at a step together are the one-process batch at world x batch."""
+    try:
+        many = EpochPlan([total // 2, total - total // 2], world, batch, epoch=epoch, seed=3)
+    except DataError:
+        return
+    one = EpochPlan([total // 2, total - total // 2], 1, world * batch, epoch=epoch, seed=3)
+    assert one.steps == many.steps
+    for step in range(one.steps):
+        union = np.concatenate([many.step_samples(rank, step) for rank in range(world)])
+        assert union.tolist() == one.step_samples(0, step).tolist()
 
 
 def test_epochs_reshuffle_and_unshuffled_is_file_order():
