@@ -45,12 +45,15 @@ class RayConfig:
     max_failures: int = doc("times Ray restarts the workers after a failure, resuming from the last "
                             "checkpoint", default=2)
     collective_timeout_s: int = doc("gloo/NCCL collective timeout: a hang fails after this", default=1800)
+    placement_strategy: str = doc("PACK (workers on as few nodes as possible) or SPREAD", default="PACK")
 
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError("ray.num_workers must be >= 1 and ray.cpus_per_worker > 0")
         if self.zero_stage not in (0, 2, 3):
             raise ValueError("ray.zero_stage must be 0 (DDP), 2 or 3")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError("ray.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
 
 def deepspeed_json(ray_cfg: RayConfig) -> str | None:
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo",
                                  timeout_s=ray_cfg.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
+                                     placement_strategy=ray_cfg.placement_strategy),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent / f".{run_dir.name}.ray"),
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),

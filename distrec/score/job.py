@@ -220,7 +220,8 @@ def score(cfg: ScoreConfig) -> dict:
     results = {"block": [], "users": [], "empty": [], "seconds": []}
     if todo:
         if not ray.is_initialized():
-            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
+            # no address: a fresh local Ray, never a cluster `ray start` left running on this machine
+            ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False,
                      **({} if cfg.address else {"num_cpus": os.cpu_count()}))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # exposure counts are shared across users: one actor serves the blocks in order
