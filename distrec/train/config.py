@@ -41,7 +41,7 @@ class OptimConfig:
     max_steps: int = doc("optimizer steps to train (0 = use epochs)", default=0)
     clip_grad: float = doc("gradient-norm clipping (0 = off)", default=1.0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = doc(
-        "auto = bf16 where the hardware has it (recent CPUs and GPUs), else fp32", default="auto")
+        "auto = bf16 on GPUs that have it (fp16 on older ones), fp32 on CPU (bf16 autocast measured slower there)", default="auto")
     live_items: int = doc("text models: items encoded through the backbone with gradients per step", default=64)
     cache_refresh_steps: int = doc("text models: re-encode the whole catalog every N steps (0 = at validation only)", default=0)
     eval_every: int = doc("validate every N steps (0 = once per epoch)", default=0)
