@@ -21,9 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distrec.cli import main
 from distrec.models.run import load_model
-from tests.tiny import tiny_backbone
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed, pytest.mark.timeout(900)]
 pytest.importorskip("deepspeed")
@@ -32,23 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 ENV = {"OMP_NUM_THREADS": "1", "DISTREC_DIST_TIMEOUT": "60", "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    # 240 users, history >= 3 items each: with model.max_len=3 every sample has exactly 3
-    # positions, so the mean loss of two ranks is the mean loss of their union
-    assert main(["prepare", "--source", "synthetic", "--out", str(out), "--no-progress", "synthetic.num_users=240",
-                 "synthetic.num_items=80", "synthetic.num_categories=4", "synthetic.mean_length=10",
-                 "shards.samples_per_shard=70"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def backbone(data_dir, tmp_path_factory):
-    texts = pd.read_parquet(data_dir / "items.parquet")["text"].tolist()
-    return tiny_backbone(tmp_path_factory.mktemp("bert"), texts, "bert")
 
 
 def launch(config: str | None, run_dir: Path, *overrides: str, world: int = 2):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from distrec.cli import main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.timeout(1500)]
 pytest.importorskip("deepspeed")
@@ -73,25 +72,6 @@ def cluster(tmp_path_factory):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and str(port) in current.read_text():
             current.unlink()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "--source", "synthetic", "--out", str(out), "--no-progress", "synthetic.num_users=240",
-                 "synthetic.num_items=80", "synthetic.num_categories=4", "synthetic.mean_length=10",
-                 "shards.samples_per_shard=70"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def backbone(data_dir, tmp_path_factory):
-    import pandas as pd
-
-    from tests.tiny import tiny_backbone
-
-    texts = pd.read_parquet(data_dir / "items.parquet")["text"].tolist()
-    return tiny_backbone(tmp_path_factory.mktemp("bert"), texts, "bert")
 
 
 def submit(cluster, run_dir: Path, *overrides: str, wait=True):
