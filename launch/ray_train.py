@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +63,19 @@ def deepspeed_json(ray_cfg: RayConfig) -> str | None:
         return str(Path(ray_cfg.deepspeed_config).resolve())
     prefix = "" if ray_cfg.use_gpu else "cpu_"
     return str(DEEPSPEED_CONFIGS / f"{prefix}zero{ray_cfg.zero_stage}.json")
+
+
+def _unreachable(address: str) -> str | None:
+    """Why a host:port Ray address cannot be reached (None if it answers or is not host:port).
+    ray.init itself waits minutes on a dead address before failing."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -120,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"system), got {value!r}")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    problem = _unreachable(ray_cfg.address)
+    if problem:
+        print(f"error: no Ray cluster answers at ray.address={ray_cfg.address} ({problem}); start one with "
+              "`ray start --head` (launch/ray_cluster.sh head) or pass the head's host:port", file=sys.stderr)
         return 2
 
     import ray

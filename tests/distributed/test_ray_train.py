@@ -131,3 +131,17 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_same_ndcg(clust
     assert final["steps"] == 15
     # the validation at the end of the run: within 1% of the uninterrupted run's
     assert resumed[-1] == pytest.approx(reference[-1], rel=0.01, abs=1e-4)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["ray.address=127.0.0.1:1"], "no Ray cluster answers at ray.address=127.0.0.1:1"),
+    (["ray.zero_stage=1"], "ray.zero_stage must be 0 (DDP), 2 or 3"),
+    (["ray.num_workers=0"], "ray.num_workers must be >= 1"),
+    (["run.dir=runs/relative"], "run.dir must be an absolute path"),
+])
+def test_bad_ray_settings_fail_fast_with_what_to_change(setting, message, data_dir, tmp_path):
+    started = time.time()
+    result = subprocess.run([sys.executable, "launch/ray_train.py", f"data.dir={data_dir}", f"run.dir={tmp_path}/r",
+                             *setting], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert time.time() - started < 60
