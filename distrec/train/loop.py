@@ -383,8 +383,9 @@ class Trainer:
 
     def _retrace(self) -> None:
         """AdaLoRA under ZeRO-3: the weights it keeps whole make DeepSpeed's recorded fetch
-        order (used to prefetch) disagree with later steps, which it treats as an error; keep
-        it recording instead (no prefetch, which these small adapters do not need)."""
+        order (used to prefetch) disagree with later steps, which DeepSpeed 0.19 treats as an
+        error; keep it recording instead. The cost: no parameter prefetch in these runs, which
+        slows ZeRO-3 on GPUs with large backbones (LoRA and adapters keep it)."""
         if getattr(self, "_zero3_adalora", False):
             coordinator = self.wrapped.optimizer.parameter_offload.get_param_coordinator()
             if coordinator.is_complete_trace():
