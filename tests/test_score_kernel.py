@@ -38,3 +38,21 @@ def test_faiss_matches_the_kernel():
     scores, items = FaissTopK(table)(users, 15, history)
     assert torch.equal(items, expected_items)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blocked_topk_with_many_blocks_and_ties_equals_full_topk(seed):
+    """Many blocks and integer-valued scores (ties): the same scores as a full top-k, and
+    each item returned really has its score, none twice."""
+    gen = torch.Generator().manual_seed(seed)
+    users = torch.randint(-3, 4, (17, 4), generator=gen).float()
+    table = torch.randint(-3, 4, (3000, 4), generator=gen).float()
+    history = torch.randint(-1, 3000, (17, 30), generator=gen)
+    scores, items = top_candidates(users, table, 40, history, block=128)
+    full = users @ table.T
+    for row in range(17):
+        full[row, [i for i in history[row].tolist() if i >= 0]] = float("-inf")
+    expected, _ = full.topk(40, dim=1)
+    torch.testing.assert_close(scores, expected)
+    assert torch.equal(full.gather(1, items), scores)
+    assert all(len(set(row.tolist())) == 40 for row in items)
