@@ -50,19 +50,37 @@ class UserTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """items (B, L, d) left-padded, valid (B, L) -> states (B, L, d)."""
+    def forward(self, items: torch.Tensor, valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """items (B, L, d) left-padded, valid (B, L) -> states (B, L, d); with `last_only`
+        (B, 1, d), the state after the latest item only: the last layer then attends from that
+        one position instead of all L (what scoring and evaluation need, at O(L) not O(L^2))."""
         batch, length, _ = items.shape
         recency = torch.arange(length - 1, -1, -1, device=items.device).clamp(max=self.max_len - 1)
         x = self.dropout(items + self.positions(recency)) * valid.unsqueeze(-1)
         if self.blocks is not None:
-            # causal, padding keys hidden, every position may see itself (no all-masked rows -> no NaN)
+            # causal, padding keys hidden, every position may see itself (no all-masked rows -> no
+            # NaN); boolean, True = may not attend
             blocked = torch.ones(length, length, dtype=torch.bool, device=items.device).triu(1)
             blocked = (blocked.unsqueeze(0) | ~valid.unsqueeze(1)) & ~torch.eye(length, dtype=torch.bool,
                                                                                  device=items.device)
-            mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device).masked_fill(blocked, float("-inf"))
-            x = self.blocks(x, mask=mask.repeat_interleave(self.heads, dim=0))
+            mask = blocked.repeat_interleave(self.heads, dim=0)
+            layers = list(self.blocks.layers)
+            for layer in layers[:-1] if last_only else layers:
+                x = layer(x, src_mask=mask)
+            if last_only:
+                x = self._last_position(layers[-1], x, blocked[:, -1])
+        elif last_only:
+            x = x[:, -1:]
         return self.norm(x)
+
+    @staticmethod
+    def _last_position(layer: nn.TransformerEncoderLayer, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """`layer` (pre-norm) computed for the last position only: its query against every key
+        it may see (`blocked` (B, L) True = not), then the feed-forward."""
+        h = layer.norm1(x)
+        attended = layer.self_attn(h[:, -1:], h, h, key_padding_mask=blocked, need_weights=False)[0]
+        last = x[:, -1:] + layer.dropout1(attended)
+        return last + layer._ff_block(layer.norm2(last))
 
 
 class Popularity(nn.Module):
@@ -167,8 +185,10 @@ class Recommender(nn.Module):
         return self.user_tower(table[history.clamp(min=0)] * valid.unsqueeze(-1), valid)
 
     def user_vectors(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """(B, d): the state after each user's latest item."""
-        return self.user_states(history, table)[:, -1]
+        """(B, d): the state after each user's latest item (the last layer run for it alone)."""
+        history = history[:, -self.cfg.max_len:]
+        valid = history >= 0
+        return self.user_tower(table[history.clamp(min=0)] * valid.unsqueeze(-1), valid, last_only=True)[:, -1]
 
     # -- training ------------------------------------------------------------------------
     def forward(self, history: torch.Tensor, target: torch.Tensor, live_items: torch.Tensor | None = None):

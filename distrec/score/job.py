@@ -218,6 +218,7 @@ def score(cfg: ScoreConfig) -> dict:
     table, popularity = catalog_and_popularity(cfg, items)
     embed_seconds = time.perf_counter() - started
     results = {"block": [], "users": [], "empty": [], "seconds": []}
+    actors = 0
     if todo:
         if not ray.is_initialized():
             # no address: a fresh local Ray, never a cluster `ray start` left running on this machine
@@ -244,7 +245,12 @@ def score(cfg: ScoreConfig) -> dict:
         "out": str(out), "users_scored": users, "users_total": len(frame), "blocks": blocks,
         "blocks_skipped": blocks - len(todo), "items": len(items), "empty_history_users": int(sum(results["empty"])),
         "seconds": round(seconds, 1), "embed_seconds": round(embed_seconds, 1),
-        "users_per_s": round(users / max(seconds - embed_seconds, 1e-9), 1), "policy": to_dict(cfg.policy),
+        "users_per_s": round(users / max(seconds - embed_seconds, 1e-9), 1),
+        # inside the actors only (start-up of Ray, the actors and their model excluded): the
+        # job's rate once running, per the actors working side by side
+        "actors": actors if todo else 0,
+        "users_per_s_in_blocks": round(users * (actors if todo else 1) / max(sum(results["seconds"]), 1e-9), 1),
+        "policy": to_dict(cfg.policy),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
