@@ -10,22 +10,6 @@ import pytest
 
 from distrec.cli import main
 from distrec.train import loop
-from tests.tiny import tiny_backbone
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "--source", "synthetic", "--out", str(out), "--no-progress", "synthetic.num_users=240",
-                 "synthetic.num_items=80", "synthetic.num_categories=4", "synthetic.mean_length=10",
-                 "shards.samples_per_shard=100"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def backbone(data_dir, tmp_path_factory):
-    texts = pd.read_parquet(data_dir / "items.parquet")["text"].tolist()
-    return tiny_backbone(tmp_path_factory.mktemp("bert"), texts, "bert")
 
 
 def _overrides(data_dir, run_dir, *extra):
