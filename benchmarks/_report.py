@@ -10,16 +10,16 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 FIGURES = Path(__file__).resolve().parent / "figures"
 
 
-def publish(text: str, append: bool = True) -> None:
+def publish(text: str, append: bool = True, path: Path = BENCHMARKS) -> None:
     print(text)
     if not append:
         return
     heading = text.strip().splitlines()[0]
-    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    old = path.read_text() if path.exists() else ""
     start = old.find(heading + "\n") if heading.startswith("## ") else -1
     if start >= 0:
         end = old.find("\n## ", start + len(heading))
         new = old[:start] + text.strip() + "\n" + (old[end:] if end >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text.strip() + "\n"
-    BENCHMARKS.write_text(new)
+    path.write_text(new)
