@@ -240,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or unwritable output: the machine, not the input
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} while {args.verb} was writing; every stage publishes its "
+              "output atomically (temp, then rename), so the last complete output is unchanged. Free space "
+              "or choose a writable location and run the same command again.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; no output was published", file=sys.stderr)
         return 130

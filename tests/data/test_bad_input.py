@@ -224,3 +224,29 @@ def test_p5_datamaps_of_the_wrong_shape(cli, tmp_path):
     write(tmp_path / "p" / "datamaps.json", "[1, 2]")
     code, err = cli("prepare", "--source", "p5", "--input", tmp_path / "p", "--out", tmp_path / "o")
     assert code == 2 and "expected JSON with 'user2id' and 'item2id'" in err
+
+
+@pytest.mark.parametrize("code, words", [(28, "No space left on device"), (13, "Permission denied")])
+def test_full_disk_or_unwritable_output_is_clear_and_keeps_the_last_output(cli, tmp_path, monkeypatch, code, words):
+    """Fault injection: the disk fills (or refuses) while the shards are written over a good
+    earlier output. Exit 1 with the file and the reason, the earlier output untouched, no
+    staging directory left behind."""
+    import os
+
+    from distrec.data import prepare as prepare_module
+
+    out = tmp_path / "out"
+    assert cli("prepare", "--source", "synthetic", "--out", out, "synthetic.num_users=60")[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real = prepare_module.write_shards
+
+    def failing(samples, out_dir, *args, **kwargs):
+        real(samples[:5], out_dir, *args, **kwargs)  # part of the work lands, then the disk says no
+        raise OSError(code, os.strerror(code), str(out_dir / "train-00001.tar"))
+
+    monkeypatch.setattr(prepare_module, "write_shards", failing)
+    status, err = cli("prepare", "--source", "synthetic", "--out", out, "--overwrite", "synthetic.num_users=80")
+    assert status == 1 and "train-00001.tar" in err and words in err and "unchanged" in err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
