@@ -1,9 +1,10 @@
-"""Shared by the benchmark scripts: print a result section and put it into BENCHMARKS.md.
+"""Shared by the benchmark scripts: best-of-N timing, and printing a result section into BENCHMARKS.md.
 
 A section is keyed by its first line (the `## ` heading): a re-run replaces the section it
 made before instead of appending a second copy, so BENCHMARKS.md holds the latest figures.
 """
 
+import time
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -23,3 +24,14 @@ def publish(text: str, append: bool = True, path: Path = BENCHMARKS) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text.strip() + "\n"
     path.write_text(new)
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    """Seconds of the fastest of `repeat` calls after one warm-up (shared machines are noisy)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)

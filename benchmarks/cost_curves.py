@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 
 import torch
 
@@ -21,17 +20,7 @@ from distrec.models.config import ModelConfig
 from distrec.models.recommender import Recommender
 from distrec.score.kernel import top_candidates
 
-from _report import FIGURES, publish  # noqa: E402 (benchmarks/ is the script directory)
-
-
-def best_of(fn, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+from _report import FIGURES, best_of, publish  # noqa: E402 (benchmarks/ is the script directory)
 
 
 def scoring_vs_items(items_list, users: int = 512, dim: int = 64) -> list[tuple[int, float]]:

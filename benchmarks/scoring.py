@@ -15,30 +15,15 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from distrec.score.kernel import FaissTopK, top_candidates
 
-from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
+from _report import best_of, publish  # noqa: E402 (benchmarks/ is the script directory)
+from gemm import peak_flops  # noqa: E402
 
-
-
-def best_of(fn, repeat: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def gemm_peak(size: int = 2048) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / best_of(lambda: a @ b)
 
 
 def vectors_from_run(run: Path, data: Path):
@@ -79,7 +64,7 @@ def main() -> int:
         users, table = torch.randn(args.users, args.dim, generator=gen), torch.randn(args.items, args.dim, generator=gen)
         label = f"synthetic: {args.users:,} users x {args.items:,} items x {args.dim} dims"
     flops = 2 * users.shape[0] * table.shape[0] * table.shape[1]
-    peak = gemm_peak()
+    peak = peak_flops(torch.float32)
     batch = 1024
 
     def kernel():
