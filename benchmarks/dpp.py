@@ -169,7 +169,7 @@ def main() -> int:
         "| policy | users x candidates -> k | NumPy per user (users/s) | distrec (users/s) | speed-up | "
         "identical picks | torch batched on CPU (users/s) |",
         "|---|---|---|---|---|---|---|", *[r["line"] for r in rows], "",
-        *([f"Cost curves: [benchmarks/figures/dpp_cost.png](benchmarks/figures/dpp_cost.png)", ""]
+        *(["Cost curves: [benchmarks/figures/dpp_cost.png](benchmarks/figures/dpp_cost.png)", ""]
           if not args.quick else [])])
     publish(text, append=not args.no_append)
     return 0
