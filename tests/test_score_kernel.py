@@ -56,3 +56,52 @@ def test_blocked_topk_with_many_blocks_and_ties_equals_full_topk(seed):
     torch.testing.assert_close(scores, expected)
     assert torch.equal(full.gather(1, items), scores)
     assert all(len(set(row.tolist())) == 40 for row in items)
+
+
+def reference_top(users, table, n, history):
+    """Plain full matrix, seen items -inf, best first with ties to the lower item index."""
+    full = (users @ table.T).double()
+    for row in range(len(users)):
+        full[row, [i for i in history[row].tolist() if i >= 0]] = float("-inf")
+    n = min(n, table.shape[0])
+    items = torch.stack([torch.tensor(sorted(range(table.shape[0]), key=lambda i: (-full[r, i].item(), i))[:n])
+                         for r in range(len(users))])
+    return full.gather(1, items).float(), items
+
+
+@pytest.mark.parametrize("block", [5, 16, 17, 333, 2048])
+def test_cpu_scan_equals_reference_with_ties_and_exhausted_histories(block):
+    """The compiled CPU scan against the plain reference, item for item: integer scores (many
+    ties, lower item first), a user who has seen all but 3 items (the rest of the list is seen
+    items at -inf), an empty history, and blocks that do not divide the catalog."""
+    gen = torch.Generator().manual_seed(5)
+    users = torch.randint(-2, 3, (6, 3), generator=gen).float()
+    table = torch.randint(-2, 3, (400, 3), generator=gen).float()
+    history = torch.full((6, 397), -1, dtype=torch.long)
+    history[0] = torch.arange(397)
+    history[1, :50] = torch.randint(0, 400, (50,), generator=gen)
+    history[3, -20:] = torch.arange(380, 400)
+    scores, items = top_candidates(users, table, 30, history, block=block)
+    expected_scores, expected_items = reference_top(users, table, 30, history)
+    assert torch.equal(scores[1:], expected_scores[1:]) and torch.equal(items[1:], expected_items[1:])
+    assert sorted(items[0, :3].tolist()) == [397, 398, 399] and torch.isinf(scores[0, 3:]).all()
+    assert set(items[0, 3:].tolist()) <= set(range(397)) and len(set(items[0].tolist())) == 30
+
+
+def test_cpu_scan_and_torch_path_agree_on_continuous_scores():
+    from distrec.score.kernel import _top_candidates_torch
+
+    gen = torch.Generator().manual_seed(6)
+    users, table = torch.randn(40, 16, generator=gen), torch.randn(5000, 16, generator=gen)
+    history = torch.randint(-1, 5000, (40, 60), generator=gen)
+    fast = top_candidates(users, table, 100, history, block=700)
+    plain = _top_candidates_torch(users, table, 100, history, 65536)
+    assert torch.equal(fast[1], plain[1])
+    torch.testing.assert_close(fast[0], plain[0])
+
+
+def test_non_finite_user_vectors_are_refused():
+    users = torch.zeros(2, 3)
+    users[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        top_candidates(users, torch.eye(3), 2)
