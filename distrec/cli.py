@@ -32,6 +32,7 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--out", help="output directory")
     p.add_argument("--config", help="a YAML file of prepare settings (configs/prepare/*.yaml)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    p.add_argument("--verify", metavar="DIR", help="check a prepared dataset (checksums, samples, tables) and exit")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. split.mode=time")
@@ -72,6 +73,13 @@ def run_prepare(args) -> int:
 
     if args.help_config:
         print("\n".join(help_text(PrepareConfig)))
+        return 0
+    if args.verify:
+        from distrec.data.shards import verify_dataset
+
+        counts = verify_dataset(args.verify)
+        print(f"{args.verify}: ok, {counts['shards']} shards with {counts['samples']:,} samples match the manifest; "
+              f"{counts['items_rows']:,} items, {counts['val_rows']:,} validation and {counts['test_rows']:,} test users")
         return 0
     flags = {k: v for k, v in vars(args).items()
              if k in ("source", "input", "items", "out", "overwrite", "progress") and v is not None}

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distrec import __version__
+from distrec.atomic import publish_dir
 from distrec.config import save_config, to_dict
 from distrec.data import readers, synthetic
 from distrec.data.config import PrepareConfig
@@ -87,13 +88,7 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
 
 def _publish(staging: Path, out: Path) -> None:
     """Swap the finished staging directory into place; the old output survives until then."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    publish_dir(staging, out)
 
 
 def prepare(cfg: PrepareConfig) -> dict:

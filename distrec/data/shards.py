@@ -137,6 +137,47 @@ def _read_shard(path: Path, expected_sha: str | None) -> list[tuple[str, bytes]]
     return samples
 
 
+def verify_dataset(data_dir: str | Path) -> dict:
+    """Check a prepared dataset the way training will read it: every shard's checksum and
+    sample count against the manifest, every sample's JSON and fields, and the split tables.
+    Returns counts; raises DataError naming the shard and the sample at the first problem."""
+    import pyarrow.parquet as pq
+
+    data_dir = Path(data_dir)
+    try:
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        shards, num_items = manifest["shards"], int(manifest["num_items"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{data_dir / 'manifest.json'}: not a distrec manifest ({e}); run distrec prepare") from None
+    samples = 0
+    for info in shards:
+        path = data_dir / info["path"]
+        if not path.is_file():
+            raise DataError(f"{path}: listed in the manifest but missing")
+        raw = _read_shard(path, info["sha256"])
+        if len(raw) != info["samples"]:
+            raise DataError(f"{path}: holds {len(raw)} samples, the manifest says {info['samples']}")
+        for key, payload in raw:
+            try:
+                record = json.loads(payload)
+                items = [int(i) for i in record["history"]] + [int(record["target"])]
+                int(record["user"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}: sample {key} is not a distrec sample ({e!r})") from None
+            if not all(0 <= i < num_items for i in items):
+                raise DataError(f"{path}: sample {key} names an item outside 0..{num_items - 1}")
+        samples += len(raw)
+    tables = {}
+    for name in ("items", "val", "test"):
+        try:
+            tables[name] = pq.read_metadata(data_dir / f"{name}.parquet").num_rows
+        except OSError as e:
+            raise DataError(f"{data_dir / f'{name}.parquet'}: unreadable ({e}); run distrec prepare") from None
+    if tables["items"] != num_items:
+        raise DataError(f"{data_dir / 'items.parquet'}: {tables['items']} items, the manifest says {num_items}")
+    return {"shards": len(shards), "samples": samples, **{f"{k}_rows": v for k, v in tables.items()}}
+
+
 class ShardedSamples(IterableDataset):
     """Batches of training samples for one rank, planned by `EpochPlan`.
 

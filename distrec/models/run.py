@@ -17,7 +17,6 @@ Everything loads with safetensors or `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distrec.atomic import publish_dir, staging_for
 from distrec.config import ConfigError, from_dict
 from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
 from distrec.models.config import ModelConfig, PeftConfig
@@ -65,7 +65,7 @@ def save_model(model: Recommender, directory: Path, peft_cfg: PeftConfig, item_i
                state: dict | None = None) -> None:
     """Write a checkpoint atomically (temp directory, then rename)."""
     directory = Path(directory)
-    staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    staging = staging_for(directory)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(head_state(model, state), str(staging / HEADS))
@@ -76,9 +76,7 @@ def save_model(model: Recommender, directory: Path, peft_cfg: PeftConfig, item_i
     (staging / MODEL_JSON).write_text(json.dumps({
         "model": asdict(model.cfg), "peft": asdict(peft_cfg), "num_items": model.num_items,
         "pooling": getattr(model, "pooling", None), "item_ids": list(item_ids)}))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+    publish_dir(staging, directory)
 
 
 def read_model_json(directory: Path) -> dict:

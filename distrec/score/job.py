@@ -13,6 +13,7 @@ ends with every user exactly once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ import torch
 
 from distrec import diversity
 from distrec.config import ConfigError, to_dict
+from distrec.data.rows import DataError
 from distrec.data.shards import left_pad
 from distrec.models.run import load_model, read_model_json
 from distrec.score.config import ScoreConfig
@@ -90,14 +92,23 @@ class BlockScorer:
         self.out = Path(self.cfg.out)
 
     def __call__(self, batch: dict) -> dict:
-        done = {"block": [], "users": [], "empty": [], "seconds": []}
+        done = {"block": [], "users": [], "empty": [], "seconds": [], "error": []}
         for block in batch["block"]:
             started = time.perf_counter()
-            users, empty = self.score_block(int(block))
+            try:
+                users, empty = self.score_block(int(block))
+                error = ""
+            except (OSError, DataError, ConfigError) as e:
+                # returned, not raised: Ray Data's wrappers drop the cause on the way to the
+                # driver, which re-raises it as the CLI's one-line error (a full disk, say)
+                users, empty, error = 0, 0, json.dumps({"type": type(e).__name__, "errno": getattr(e, "errno", None),
+                                                        "strerror": getattr(e, "strerror", None),
+                                                        "filename": getattr(e, "filename", None), "message": str(e)})
             done["block"].append(int(block))
             done["users"].append(users)
             done["empty"].append(empty)
             done["seconds"].append(time.perf_counter() - started)
+            done["error"].append(error)
         return {k: np.asarray(v) for k, v in done.items()}
 
     def block_users(self, block: int) -> pd.DataFrame:
@@ -158,9 +169,24 @@ class BlockScorer:
             "policy": self.cfg.policy.name,
         })
         temp = self.out / f".{PART.format(block)}.tmp-{os.getpid()}"
+        fault = os.environ.get(FAULT_ENV)  # fault injection for the tests (an errno name, e.g. ENOSPC)
+        if fault:
+            code = getattr(errno, fault)
+            raise OSError(code, os.strerror(code), str(temp))
         pq.write_table(pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), temp)
         os.replace(temp, self.out / PART.format(block))
         return n, empty
+
+
+FAULT_ENV = "DISTREC_FAULT_SCORE_WRITE"
+
+
+def _raise_actor_error(error: str) -> None:
+    """Re-raise in the driver an error an actor returned (see BlockScorer.__call__)."""
+    e = json.loads(error)
+    if e["errno"] is not None:  # the parts already written are whole; a re-run resumes
+        raise OSError(e["errno"], e["strerror"], e["filename"])
+    raise (DataError if e["type"] == "DataError" else ConfigError)(e["message"])
 
 
 def _job_id(cfg: ScoreConfig) -> str:
@@ -230,12 +256,17 @@ def score(cfg: ScoreConfig) -> dict:
         threads = max(1, cpus // actors)
         import ray.data
 
+        env = {"DISTREC_SCORE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        if os.environ.get(FAULT_ENV):
+            env[FAULT_ENV] = os.environ[FAULT_ENV]
         dataset = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
         done = dataset.map_batches(
             BlockScorer, fn_constructor_args=(to_dict(cfg), ray.put(table), ray.put(popularity)),
-            batch_size=1, concurrency=actors, num_cpus=threads,
-            runtime_env={"env_vars": {"DISTREC_SCORE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}},
+            batch_size=1, concurrency=actors, num_cpus=threads, runtime_env={"env_vars": env},
         ).take_all()
+        for row in done:
+            if row["error"]:
+                _raise_actor_error(str(row["error"]))
         for row in done:
             for key in results:
                 results[key].append(row[key])

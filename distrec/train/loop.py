@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_scheduler
 
+from distrec.atomic import publish_dir, recover_dir, staging_for
 from distrec.config import ConfigError, save_config
 from distrec.data.shards import ShardedSamples
 from distrec.models.losses import inclusion_log_q
@@ -226,6 +227,8 @@ class Trainer:
 
     def _check_run_dir(self, init_from):
         if self.resume:
+            for name in ("last", "best"):  # a kill between a checkpoint's two renames
+                recover_dir(self.run_dir / name)
             if not (self.run_dir / "last" / "trainer_state.json").is_file():
                 raise ConfigError(f"--resume: {self.run_dir} has no checkpoint to resume from (last/trainer_state.json)")
         elif (self.run_dir / "config.yaml").exists() and not self.cfg.run.overwrite:
@@ -245,7 +248,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def _save_last(self) -> None:
         acc = self.accelerator
-        last, staging = self.run_dir / "last", self.run_dir / ".last.tmp"
+        last = self.run_dir / "last"
+        staging = staging_for(last)
         if acc.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         acc.wait_for_everyone()
@@ -254,8 +258,7 @@ class Trainer:
         acc.wait_for_everyone()  # every rank's files are in before the directory is published
         if acc.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
-            shutil.rmtree(last, ignore_errors=True)
-            os.replace(staging, last)
+            publish_dir(staging, last)
         acc.wait_for_everyone()
 
     def _save_best(self) -> None:
@@ -277,6 +280,24 @@ class Trainer:
         metrics = evaluate(self.model, self.val, self._table(), self.accelerator, self.cfg.train.eval_batch_size)["all"]
         self.model.train()
         return metrics
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume: forget what was logged after the checkpoint (those steps run again) and
+        a line cut short by the kill, so metrics.jsonl reads as one uninterrupted run."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        staging = path.with_name(".metrics.jsonl.tmp")
+        staging.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(staging, path)
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -333,6 +354,8 @@ class Trainer:
         if self.resume:
             acc.load_state(str(self.run_dir / "last"))
             self.state = s = TrainerState(**json.loads((self.run_dir / "last" / "trainer_state.json").read_text()))
+            if acc.is_main_process:
+                self._trim_metrics(s.global_step)
         self._log({"event": "start", "step": s.global_step, "world_size": acc.num_processes,
                    "distributed": str(acc.distributed_type).rsplit(".", 1)[-1],
                    "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
@@ -349,7 +372,11 @@ class Trainer:
         samples, window_loss, window_steps = 0, 0.0, 0
         while not s.done:
             self.dataset.set_epoch(s.epoch, s.step_in_epoch)
-            loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.data.num_workers)
+            # its own generator: a loader's iterator draws a seed from the one it is given, and
+            # from the global RNG (dropout's) by default; a mid-epoch resume would then shift
+            # every later dropout mask against the uninterrupted run
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                                generator=torch.Generator().manual_seed(cfg.seed * 1000 + s.epoch))
             for batch in loader:
                 loss = self._step(batch)
                 samples += len(batch["keys"])

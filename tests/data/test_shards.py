@@ -3,6 +3,7 @@ against brute force on many shapes, across DataLoader workers, and on 2 gloo pro
 
 import json
 import os
+import re
 import tarfile
 from datetime import timedelta
 from pathlib import Path
@@ -123,6 +124,63 @@ def test_corrupt_shard_is_named(dataset, tmp_path):
     with pytest.raises(DataError, match=r"train-00002.tar: (not a readable tar|holds \d+ samples)"):
         for _ in ShardedSamples(copy, batch_size=16, shuffle=False, verify=False):
             pass
+
+
+def test_prepare_verify_names_the_shard_and_the_sample(dataset, tmp_path, capsys):
+    """`distrec prepare --verify DIR`: ok with the counts on a good dataset; a flipped byte,
+    a sample whose item is out of range (checksum made to match), a missing shard and a
+    missing table each fail with exit 2 and the file (and sample) named."""
+    import hashlib
+    import io
+    import shutil
+
+    from distrec.cli import main
+
+    assert main(["prepare", "--verify", str(dataset)]) == 0
+    assert "ok, 6 shards with 203 samples match the manifest; 149 items" in capsys.readouterr().out
+
+    def broken(name):
+        copy = tmp_path / name
+        shutil.copytree(dataset, copy)
+        return copy
+
+    def check(copy, pattern):
+        assert main(["prepare", "--verify", str(copy)]) == 2
+        assert re.search(pattern, capsys.readouterr().err), pattern
+
+    copy = broken("flipped")
+    data = bytearray((copy / "train-00001.tar").read_bytes())
+    data[900] ^= 0x01
+    (copy / "train-00001.tar").write_bytes(bytes(data))
+    check(copy, r"train-00001.tar: checksum does not match the manifest")
+
+    copy = broken("out_of_range")
+    shard = copy / "train-00003.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i, (member, payload) in enumerate(members):
+            if i == 4:
+                record = json.loads(payload)
+                record["target"] = 10_000
+                payload = json.dumps(record).encode()
+                member.size = len(payload)
+                bad_key = member.name.partition(".")[0]
+            tar.addfile(member, io.BytesIO(payload))
+    shard.write_bytes(buffer.getvalue())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][3]["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    check(copy, rf"train-00003.tar: sample {bad_key} names an item outside 0..148")
+
+    copy = broken("missing_shard")
+    (copy / "train-00005.tar").unlink()
+    check(copy, r"train-00005.tar: listed in the manifest but missing")
+
+    copy = broken("missing_table")
+    (copy / "test.parquet").unlink()
+    check(copy, r"test.parquet: unreadable")
 
 
 def _rank_main(rank, world, init_file, data_dir, result_file):

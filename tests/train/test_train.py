@@ -2,6 +2,12 @@
 continuing on new logs, and clear errors before any training starts."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -68,6 +74,49 @@ def test_resume_after_a_crash_reaches_the_same_metrics(data_dir, tmp_path, monke
     assert _train("--resume", *_overrides(data_dir, tmp_path / "crashed", *args)) == 0
     resumed = json.loads((tmp_path / "crashed" / "results.json").read_text())
     assert resumed["test"] == straight["test"] and resumed["valid"] == straight["valid"]
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_at_random_moments_then_resume_reaches_the_same_metrics(data_dir, tmp_path):
+    """SIGKILL `distrec train` at random moments (seeded), the resumed runs included, with a
+    checkpoint every 3 steps so kills also land inside checkpoint writes; re-run the same
+    command (with --resume once a checkpoint exists) until it finishes. The test metrics
+    equal an uninterrupted run's and metrics.jsonl holds every step once."""
+    args = ("model.item_repr=id", "train.epochs=24", "train.patience=0", "train.eval_every=3", "seed=5")
+    assert _train(*_overrides(data_dir, tmp_path / "straight", *args)) == 0
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    run, rng, kills, landed = tmp_path / "killed", random.Random(20261129), [], []
+    for attempt in range(12):
+        resume = (run / "last" / "trainer_state.json").is_file()
+        command = [sys.executable, "-m", "distrec", "train", "--no-progress", *(["--resume"] if resume else []),
+                   *_overrides(data_dir, run, *args), *([] if resume else ["run.overwrite=true"])]
+        launched = time.time()
+        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        if len(kills) < 5:
+            metrics = run / "metrics.jsonl"
+            while job.poll() is None and not (metrics.is_file() and metrics.stat().st_mtime > launched):
+                time.sleep(0.01)  # until this attempt logs its start: it is training
+            time.sleep(rng.uniform(0.0, 3.0))  # training takes ~4 s here
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                state = run / "last" / "trainer_state.json"
+                kills.append(json.loads(state.read_text())["global_step"] if state.is_file() else None)
+                landed.append(job.wait())
+                continue
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err.decode()[-3000:]
+        break
+    assert len(kills) >= 3, f"only {len(kills)} kills landed before the run finished"
+    assert len(set(kills)) >= 3, f"kills landed at the checkpoints of steps {kills}: not spread over the run"
+    assert all(code == -signal.SIGKILL for code in landed)
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["steps"] == straight["steps"]
+    assert resumed["test"]["ndcg@10"] == pytest.approx(straight["test"]["ndcg@10"], rel=1e-4, abs=1e-6)
+    assert resumed["valid"]["ndcg@10"] == pytest.approx(straight["valid"]["ndcg@10"], rel=1e-4, abs=1e-6)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "valid"]
+    assert steps == sorted(set(steps)) == list(range(3, straight["steps"] + 1, 3))
+    assert not list(run.glob(".*")), "a staging or previous checkpoint left behind"
 
 
 def test_init_from_continues_on_a_grown_catalog(data_dir, tmp_path):
