@@ -46,3 +46,24 @@ def test_build_context_leaves_out_data_runs_and_environments():
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv", ".git", "data", "runs", "out"):
         assert entry in ignored
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "launch").glob("*.sh")), ids=lambda p: p.name)
+def test_launch_scripts_parse_and_name_files_that_exist(script):
+    """Every shipped launch script is valid bash, and every config it points at is in the repo
+    (and so in the image, which copies configs/)."""
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    for path in re.findall(r"configs/[\w/.-]+\.(?:yaml|json)", script.read_text()):
+        assert (REPO / path).is_file(), f"{script.name} names {path}, which does not exist"
+
+
+def test_cluster_launchers_run_the_image_with_the_dashboard_on_localhost():
+    import yaml
+
+    cluster = yaml.safe_load((REPO / "launch" / "ray_cluster.yaml").read_text())
+    assert cluster["docker"]["image"].startswith("distrec:gpu")
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=disabled" not in head
+    docker = (REPO / "launch" / "multinode_docker.sh").read_text()
+    assert '"$IMAGE"' in docker and "--gpus all" in docker and "accelerate launch" in docker
+    assert "WANDB_API_KEY=" not in docker  # passed through by name, never a value

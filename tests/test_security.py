@@ -62,3 +62,42 @@ def test_no_tracker_key_is_written_into_a_run(tmp_path, monkeypatch):
         if path.is_file():
             assert b"secret-key-123" not in path.read_bytes(), path
     assert os.environ["WANDB_API_KEY"] == "secret-key-123"
+
+
+def test_reading_a_hostile_shard_writes_no_file_anywhere(tmp_path, monkeypatch):
+    """A shard whose members try to escape (`../` names, an absolute path, a symlink to
+    /etc/passwd, a hard link) is read in memory and never extracted: no file appears outside
+    (or inside) the dataset, and the reader stops with a DataError naming the shard."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    from distrec.data.rows import DataError
+    from distrec.data.shards import ShardedSamples
+
+    data = tmp_path / "data"
+    data.mkdir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("../escape.json", "/tmp/distrec_abs_escape.json", "000.json"):
+            payload = json.dumps({"user": 0, "history": [1], "target": 2}).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        for kind, name in ((tarfile.SYMTYPE, "001.json"), (tarfile.LNKTYPE, "002.json")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tar.addfile(info)
+    (data / "train-00000.tar").write_bytes(buffer.getvalue())
+    (data / "manifest.json").write_text(json.dumps({"shards": [{
+        "path": "train-00000.tar", "samples": 5, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}]}))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = {p for p in tmp_path.rglob("*")}
+    with pytest.raises(DataError, match=r"train-00000.tar"):
+        for _ in ShardedSamples(data, batch_size=5, shuffle=False):
+            pass
+    assert {p for p in tmp_path.rglob("*")} == before
+    assert not os.path.exists("/tmp/distrec_abs_escape.json")

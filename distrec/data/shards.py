@@ -128,10 +128,14 @@ def _read_shard(path: Path, expected_sha: str | None) -> list[tuple[str, bytes]]
     samples = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
+            for member in tar:  # read in memory, never extracted: no name or link reaches the disk
                 key, _, ext = member.name.partition(".")
-                if ext == "json":
-                    samples.append((key, tar.extractfile(member).read()))
+                if ext != "json":
+                    continue
+                if not member.isfile():
+                    raise DataError(f"{path}: member {member.name!r} after sample {len(samples)} is a link or a "
+                                    "special file; shards hold regular files only (was it written by distrec prepare?)")
+                samples.append((key, tar.extractfile(member).read()))
     except tarfile.TarError as e:
         raise DataError(f"{path}: not a readable tar ({e}) after sample {len(samples)}") from None
     return samples
