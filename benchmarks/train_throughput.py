@@ -39,6 +39,67 @@ def linear_weights(model: torch.nn.Module, trainable_only: bool) -> int:
                if isinstance(m, torch.nn.Linear) and (m.weight.requires_grad or not trainable_only))
 
 
+OP_CLASSES = {  # torch CPU ops by what bounds them
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "dropout masks (random numbers)": ("aten::bernoulli_",),
+    "element-wise (mul, add, copy, where, div)": ("aten::mul", "aten::add", "aten::add_", "aten::copy_",
+                                                  "aten::where", "aten::div_", "aten::div", "aten::mul_"),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
+    "layer norm, softmax": ("aten::native_layer_norm", "aten::native_layer_norm_backward", "aten::_softmax",
+                            "aten::_softmax_backward_data"),
+}
+
+
+def profile_lora(texts, args, peak) -> list[str]:
+    """Where the default training step's time goes (LoRA, fp32): self time of torch's CPU
+    ops grouped by what bounds them, and the matrix products' own FLOP/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer = load_backbone("all-MiniLM-L6-v2")
+    model = apply_peft(model, PeftConfig(method="lora"), 1000)
+    model.train()
+    ids, lengths = tokenize_catalog(tokenizer, texts, args.tokens)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    all_weights = linear_weights(model, False)
+    trained = linear_weights(model, True) + sum(p.numel() for n, p in model.named_parameters()
+                                                if p.requires_grad and "lora_" in n)
+    flops = 0.0
+
+    def step(count: bool) -> None:
+        nonlocal flops
+        pick = torch.randint(0, len(texts), (args.batch,), generator=gen)
+        width = int(lengths[pick].max())
+        mask = (torch.arange(width).unsqueeze(0) < lengths[pick].unsqueeze(1)).long()
+        out = model(input_ids=ids[pick, :width].long(), attention_mask=mask).last_hidden_state
+        ((out * mask.unsqueeze(-1)).sum() / mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if count:
+            forward = 2 * all_weights * args.batch * width + 4 * layers * hidden * args.batch * width * width
+            flops += 2 * forward + 2 * trained * args.batch * width
+
+    for _ in range(2):
+        step(False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step(True)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {name: sum(e.self_cpu_time_total for e in events if e.key in ops) for name, ops in OP_CLASSES.items()}
+    shares["other (optimizer, views, autograd, Python)"] = total - sum(shares.values())
+    gemm_seconds = shares["matrix products"] / 1e6
+    lines = ["Where the LoRA fp32 step's time goes (`torch.profiler`, self time of CPU ops, same batches; "
+             "the profiler itself adds some overhead):", "", "| ops | share of the step |", "|---|---|"]
+    lines += [f"| {name} | {value / total:.0%} |" for name, value in shares.items()]
+    lines += ["", f"The matrix products alone run at {flops / gemm_seconds / 1e9:,.0f} GFLOP/s, "
+              f"{flops / gemm_seconds / peak:.2f} of the fp32 peak; the step as a whole cannot exceed that "
+              f"fraction times their share of the time.", ""]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", default=str(REPO / "data" / "beauty" / "items.parquet"))
@@ -96,6 +157,7 @@ def main() -> int:
             print(f"{method} {precision}: {samples / seconds:,.0f} texts/s, {achieved / 1e9:,.0f} GFLOP/s, "
                   f"{achieved / peaks[precision]:.2f} of peak", flush=True)
     lines = [f"| {m} | {p} | {t:,} | {r:,.0f} | {a / 1e9:,.0f} | {f:.2f} |" for m, p, t, r, a, f in rows]
+    profile_lines = profile_lora(texts, args, peaks["fp32"])
     text = "\n".join([
         f"## Backbone training speed against the peak (all-MiniLM-L6-v2, {platform.machine()}, "
         f"{torch.get_num_threads()} threads)", "",
@@ -104,7 +166,7 @@ def main() -> int:
         f"batch's longest; forward + backward + AdamW step. Measured peak in this run: fp32 "
         f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s.", "",
         "| method | precision | trainable params | texts/s | GFLOP/s | fraction of the dtype's peak |",
-        "|---|---|---|---|---|---|", *lines, ""])
+        "|---|---|---|---|---|---|", *lines, "", *profile_lines])
     publish(text, append=not args.no_append)
     return 0
 
