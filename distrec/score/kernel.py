@@ -95,6 +95,11 @@ if numba is not None:
         return score_a < score_b or (score_a == score_b and item_a > item_b)
 
     @numba.njit(cache=True, inline="always")
+    def _swap(scores, items, a, b):
+        scores[a], scores[b] = scores[b], scores[a]
+        items[a], items[b] = items[b], items[a]
+
+    @numba.njit(cache=True, inline="always")
     def _sift_down(scores, items, size, parent):
         while True:
             child = 2 * parent + 1
@@ -104,8 +109,7 @@ if numba is not None:
                 child += 1
             if not _worse(scores[child], items[child], scores[parent], items[parent]):
                 return
-            scores[child], scores[parent] = scores[parent], scores[child]
-            items[child], items[parent] = items[parent], items[child]
+            _swap(scores, items, child, parent)
             parent = child
 
     @numba.njit(cache=True, inline="always")
@@ -122,8 +126,7 @@ if numba is not None:
             parent = (child - 1) // 2
             if not _worse(scores[child], items[child], scores[parent], items[parent]):
                 return
-            scores[child], scores[parent] = scores[parent], scores[child]
-            items[child], items[parent] = items[parent], items[child]
+            _swap(scores, items, child, parent)
             child = parent
 
     @numba.njit(cache=True, inline="always")
@@ -183,8 +186,7 @@ if numba is not None:
         for u in numba.prange(heap_scores.shape[0]):
             kept, items = heap_scores[u], heap_items[u]
             for size in range(filled[u] - 1, 0, -1):
-                kept[0], kept[size] = kept[size], kept[0]
-                items[0], items[size] = items[size], items[0]
+                _swap(kept, items, 0, size)
                 _sift_down(kept, items, size, 0)
 
     def _use_torch_threads() -> None:  # the same thread budget as torch (Ray actors set it)
