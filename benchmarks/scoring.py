@@ -102,7 +102,6 @@ def main() -> int:
     faiss_seconds = timings["FAISS IndexFlatIP"]
     rows = [f"| {name} | {len(users) / seconds:,.0f} | {flops / seconds / 1e9:.0f} | {flops / seconds / peak:.2f} | "
             f"{faiss_seconds / seconds:.2f} |" for name, seconds in timings.items()]
-    kernel_seconds = timings["distrec kernel (blocked, running top-N)"]
     job_line = ""
     if args.run:
         from distrec.config import load_config

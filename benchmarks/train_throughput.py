@@ -5,7 +5,8 @@ the same dtype measured in the same run.
 
     python benchmarks/train_throughput.py [--items data/beauty/items.parquet] [--batch 64] [--steps 10]
 
-Texts are padded to the batch's own longest text (as training does), at most 32 tokens.
+Texts are padded to the batch's own longest text (as training does), at most 32 tokens; the
+backbone is loaded as training loads it (`model.backbone_dropout`, 0 by default).
 FLOPs are counted analytically per batch: forward 2 x (non-embedding weights) x tokens plus
 attention 4 x layers x hidden x sum(len^2); backward = forward again for the activations'
 gradients, plus the forward's weight part again for the weights that train (full: all;
@@ -25,13 +26,14 @@ import pandas as pd
 import torch
 
 from distrec.models.backbone import load_backbone, tokenize_catalog
-from distrec.models.config import PeftConfig
+from distrec.models.config import ModelConfig, PeftConfig
 from distrec.models.peft_methods import apply_peft, count_parameters
 
 from _report import publish  # noqa: E402 (benchmarks/ is the script directory)
 from gemm import peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+TRAINING = ModelConfig()  # the backbone as training loads it (its dropout setting included)
 
 
 def linear_weights(model: torch.nn.Module, trainable_only: bool) -> int:
@@ -55,7 +57,7 @@ def profile_lora(texts, args, peak) -> list[str]:
     ops grouped by what bounds them, and the matrix products' own FLOP/s."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, tokenizer = load_backbone("all-MiniLM-L6-v2")
+    model, tokenizer = load_backbone("all-MiniLM-L6-v2", dropout=TRAINING.backbone_dropout)
     model = apply_peft(model, PeftConfig(method="lora"), 1000)
     model.train()
     ids, lengths = tokenize_catalog(tokenizer, texts, args.tokens)
@@ -113,7 +115,7 @@ def main() -> int:
     rows = []
     for method in ("frozen", "lora", "adalora", "adapter", "full"):
         for precision in ("fp32", "bf16"):
-            model, tokenizer = load_backbone("all-MiniLM-L6-v2")
+            model, tokenizer = load_backbone("all-MiniLM-L6-v2", dropout=TRAINING.backbone_dropout)
             model = apply_peft(model, PeftConfig(method=method), 1000)
             model.train()
             ids, lengths = tokenize_catalog(tokenizer, texts, args.tokens)
@@ -163,7 +165,8 @@ def main() -> int:
         f"{torch.get_num_threads()} threads)", "",
         f"`python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`", "",
         f"Batch {args.batch} item texts from {Path(args.items).parent.name}, at most {args.tokens} tokens, padded to the "
-        f"batch's longest; forward + backward + AdamW step. Measured peak in this run: fp32 "
+        f"batch's longest; backbone dropout {TRAINING.backbone_dropout} as in training "
+        f"(`model.backbone_dropout`); forward + backward + AdamW step. Measured peak in this run: fp32 "
         f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s.", "",
         "| method | precision | trainable params | texts/s | GFLOP/s | fraction of the dtype's peak |",
         "|---|---|---|---|---|---|", *lines, "", *profile_lines])

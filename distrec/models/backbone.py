@@ -8,7 +8,6 @@ import importlib
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from distrec.config import ConfigError
 
@@ -57,6 +56,8 @@ def _whole_weights():
 def load_backbone(name: str, trust_remote_code: bool = False, dropout: float | None = None):
     """(model, tokenizer) from a path, alias or hub name; a clear error if it cannot load.
     `dropout` replaces the probability of every dropout inside the backbone."""
+    from transformers import AutoModel, AutoTokenizer  # imported when used: ID-only processes skip it
+
     path = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

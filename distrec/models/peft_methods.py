@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from pathlib import Path
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -43,6 +43,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module
         model.adapter_modules = adapters.add_adapters(model, cfg.adapter_size, cfg.target_modules)
         model.adapter_size = cfg.adapter_size
         return model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model  # imported when used: 3 s a process
+
     targets = cfg.target_modules or default_targets(model)
     if cfg.method == "lora":
         peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
@@ -60,7 +62,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module
 
 
 def is_peft(model: nn.Module) -> bool:
-    return isinstance(model, PeftModel)
+    peft = sys.modules.get("peft")  # not imported: no model of it exists
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _adalora(model: nn.Module):
@@ -184,6 +187,8 @@ def load_backbone_weights(model: nn.Module, method: str, directory: Path) -> nn.
     if method in ("lora", "adalora"):
         if not (directory / "adapter").exists():
             raise ConfigError(f"{directory}: no adapter/ directory for peft.method={method}")
+        from peft import PeftModel
+
         return PeftModel.from_pretrained(model, str(directory / "adapter"))
     if method == "adapter":
         model.adapter_modules, model.adapter_size = adapters.load_adapters(model, directory / "adapter")
