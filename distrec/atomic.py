@@ -46,3 +46,27 @@ def recover_dir(target: Path) -> bool:
     except FileNotFoundError:  # another rank of the same job recovered it first
         return False
     return True
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file whole or not at all: a temp file beside it, then a rename. A reader (or a
+    re-run checking whether a stage finished) never sees half a results.json."""
+    path = Path(path)
+    temp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        if isinstance(data, bytes):
+            temp.write_bytes(data)
+        else:
+            temp.write_text(data, encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def savefig_atomic(fig, path: Path, **kwargs) -> None:
+    """matplotlib's savefig through `write_atomic` (the format from the name's suffix)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip("."), **kwargs)
+    write_atomic(path, buffer.getvalue())

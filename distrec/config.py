@@ -20,6 +20,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from distrec.atomic import write_atomic
+
 
 class ConfigError(ValueError):
     """A config file or override that does not match its schema."""
@@ -197,7 +199,7 @@ def load_config(
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    write_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def help_text(cls: type, prefix: str = "") -> list[str]:

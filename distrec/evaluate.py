@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from distrec import metrics as M
+from distrec.atomic import savefig_atomic, write_atomic
 from distrec.config import ConfigError
 
 KS = (5, 10, 20)
@@ -166,7 +167,7 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
                           "category_coverage": max(allowed, key=lambda p: p[f"category_coverage@{k}"])}
     result = {"k": k, "max_loss": max_loss, "reference_ndcg": reference, "points": points, "best_within_loss": best}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "sweep.json", json.dumps(result, indent=2))
     _plot_sweep(result, out)
     return result
 
@@ -195,7 +196,7 @@ def _plot_sweep(result: dict, out: Path) -> None:
         axis.legend(fontsize=8)
     axes[0].set_title(f"trade-off (stars: most diverse within {result['max_loss']:.0%} NDCG loss)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "tradeoff.png", dpi=110)
+    savefig_atomic(fig, out / "tradeoff.png", dpi=110)
     plt.close(fig)
 
 
@@ -220,7 +221,7 @@ def _plots(result: dict, out: Path) -> list[str]:
         axis.set_title(f"exposure Lorenz curve, Gini {result[key]['gini']:.3f}")
         axis.legend()
         fig.tight_layout()
-        fig.savefig(out / "exposure.png", dpi=110)
+        savefig_atomic(fig, out / "exposure.png", dpi=110)
         plt.close(fig)
         names.append("exposure.png")
     slices = result["slices"]
@@ -231,7 +232,7 @@ def _plots(result: dict, out: Path) -> list[str]:
     axis.set_ylabel("NDCG@10")
     axis.set_title("accuracy by slice (users)")
     fig.tight_layout()
-    fig.savefig(out / "slices.png", dpi=110)
+    savefig_atomic(fig, out / "slices.png", dpi=110)
     plt.close(fig)
     return names + ["slices.png"]
 
@@ -256,7 +257,7 @@ def _sweep_section(out: Path) -> list[str]:
 
 def write_report(result: dict, out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "exposure"}, indent=2))
+    write_atomic(out / "metrics.json", json.dumps({k: v for k, v in result.items() if k != "exposure"}, indent=2))
     images = _plots(result, out)
     key = next(k for k in result if k.startswith("beyond@"))
     acc = result["accuracy"]
@@ -270,13 +271,13 @@ def write_report(result: dict, out: Path, title: str) -> None:
                for s, m in result["slices"].items()], "", *[f"![{i}]({i})" for i in images], "",
              *_sweep_section(out)]
     markdown = "\n".join(lines)
-    (out / "report.md").write_text(markdown)
+    write_atomic(out / "report.md", markdown)
     body = "".join(f"<pre>{html.escape(line)}</pre>" if line.startswith("|") else
                    (f"<img src='{line[line.index('(') + 1:-1]}'>" if line.startswith("![") else
                     f"<h2>{html.escape(line[3:])}</h2>" if line.startswith("## ") else
                     f"<h1>{html.escape(line[2:])}</h1>" if line.startswith("# ") else f"<p>{html.escape(line)}</p>")
                    for line in lines if line)
-    (out / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>{body}")
+    write_atomic(out / "report.html", f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>{body}")
 
 
 def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None, category_level: int = -1) -> dict:

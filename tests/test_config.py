@@ -112,3 +112,29 @@ def test_every_accelerate_config_loads_in_accelerate_and_names_a_real_deepspeed_
         assert "optimizer" not in conf and "scheduler" not in conf  # distrec brings its own
         if path.name.startswith("cpu_"):
             assert conf["bf16"]["enabled"] is False  # DeepSpeed on CPU runs fp32
+
+
+def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    """A failure half-way through (here: the disk fills) keeps the previous file byte for byte
+    and leaves no temp file; a good write replaces it whole."""
+    import errno
+    from pathlib import Path
+
+    from distrec.atomic import write_atomic
+
+    target = tmp_path / "results.json"
+    write_atomic(target, '{"old": true}')
+    original = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        original(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, '{"new": "a longer value that does not fit"}')
+    monkeypatch.undo()
+    assert target.read_text() == '{"old": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    write_atomic(target, "{}")
+    assert target.read_text() == "{}"

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distrec.atomic import write_atomic
 from distrec import diversity
 from distrec.config import ConfigError, to_dict
 from distrec.data.rows import DataError
@@ -218,7 +219,7 @@ def _check(cfg: ScoreConfig) -> tuple[pd.DataFrame, Path]:
             for part in out.glob("part-*.parquet"):
                 part.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    job_file.write_text(json.dumps({"job": _job_id(cfg), "config": to_dict(cfg)}, indent=2))
+    write_atomic(job_file, json.dumps({"job": _job_id(cfg), "config": to_dict(cfg)}, indent=2))
     return items, out
 
 
@@ -283,7 +284,7 @@ def score(cfg: ScoreConfig) -> dict:
         "users_per_s_in_blocks": round(users * (actors if todo else 1) / max(sum(results["seconds"]), 1e-9), 1),
         "policy": to_dict(cfg.policy),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from distrec.atomic import publish_dir, recover_dir, staging_for
+from distrec.atomic import publish_dir, recover_dir, staging_for, write_atomic
 from distrec.config import ConfigError, save_config
 from distrec.data.shards import ShardedSamples
 from distrec.models.losses import inclusion_log_q
@@ -295,9 +295,7 @@ class Trainer:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        staging = path.with_name(".metrics.jsonl.tmp")
-        staging.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(staging, path)
+        write_atomic(path, "".join(f"{line}\n" for line in kept))
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -479,7 +477,7 @@ class Trainer:
         self._log({"event": "test", "step": self.state.global_step,
                    **{f"test/{k}": v for k, v in test["all"].items() if k != "users"}})
         if acc.is_main_process:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         acc.end_training()
         return results
 
