@@ -105,3 +105,10 @@ def test_non_finite_user_vectors_are_refused():
     users[1, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinity"):
         top_candidates(users, torch.eye(3), 2)
+
+
+def test_empty_catalog_or_zero_candidates_give_empty_lists():
+    users = torch.randn(3, 4)
+    for table, n in ((torch.empty(0, 4), 5), (torch.randn(10, 4), 0)):
+        scores, items = top_candidates(users, table, n)
+        assert scores.shape == items.shape == (3, 0)
