@@ -40,15 +40,16 @@ def test_faiss_matches_the_kernel():
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("seed", range(4))
-def test_blocked_topk_with_many_blocks_and_ties_equals_full_topk(seed):
+def test_blocked_topk_with_many_blocks_and_ties_equals_full_topk(seed, precision):
     """Many blocks and integer-valued scores (ties): the same scores as a full top-k, and
     each item returned really has its score, none twice."""
     gen = torch.Generator().manual_seed(seed)
     users = torch.randint(-3, 4, (17, 4), generator=gen).float()
     table = torch.randint(-3, 4, (3000, 4), generator=gen).float()
     history = torch.randint(-1, 3000, (17, 30), generator=gen)
-    scores, items = top_candidates(users, table, 40, history, block=128)
+    scores, items = top_candidates(users, table, 40, history, block=128, precision=precision)
     full = users @ table.T
     for row in range(17):
         full[row, [i for i in history[row].tolist() if i >= 0]] = float("-inf")
@@ -69,8 +70,9 @@ def reference_top(users, table, n, history):
     return full.gather(1, items).float(), items
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("block", [5, 16, 17, 333, 2048])
-def test_cpu_scan_equals_reference_with_ties_and_exhausted_histories(block):
+def test_cpu_scan_equals_reference_with_ties_and_exhausted_histories(block, precision):
     """The compiled CPU scan against the plain reference, item for item: integer scores (many
     ties, lower item first), a user who has seen all but 3 items (the rest of the list is seen
     items at -inf), an empty history, and blocks that do not divide the catalog."""
@@ -81,7 +83,7 @@ def test_cpu_scan_equals_reference_with_ties_and_exhausted_histories(block):
     history[0] = torch.arange(397)
     history[1, :50] = torch.randint(0, 400, (50,), generator=gen)
     history[3, -20:] = torch.arange(380, 400)
-    scores, items = top_candidates(users, table, 30, history, block=block)
+    scores, items = top_candidates(users, table, 30, history, block=block, precision=precision)
     expected_scores, expected_items = reference_top(users, table, 30, history)
     assert torch.equal(scores[1:], expected_scores[1:]) and torch.equal(items[1:], expected_items[1:])
     assert sorted(items[0, :3].tolist()) == [397, 398, 399] and torch.isinf(scores[0, 3:]).all()
@@ -112,3 +114,57 @@ def test_empty_catalog_or_zero_candidates_give_empty_lists():
     for table, n in ((torch.empty(0, 4), 5), (torch.randn(10, 4), 0)):
         scores, items = top_candidates(users, table, n)
         assert scores.shape == items.shape == (3, 0)
+
+
+def test_bf16_candidates_rescored_in_fp32_give_the_fp32_top_n():
+    """The bf16 path on continuous scores: the same items and the fp32 scores, and most users
+    are settled from the bf16 candidates (not all scored again in fp32)."""
+    from distrec.score import kernel
+
+    gen = torch.Generator().manual_seed(7)
+    users, table = torch.randn(64, 16, generator=gen), torch.randn(20000, 16, generator=gen)
+    history = torch.randint(-1, 20000, (64, 40), generator=gen)
+    before = dict(kernel.STATS)
+    fast = top_candidates(users, table, 50, history, block=4096, precision="bf16")
+    again = kernel.STATS["fp32_again"] - before["fp32_again"]
+    assert kernel.STATS["bf16_users"] - before["bf16_users"] == 64 and again < 8
+    expected_scores, expected_items = reference_top(users, table, 50, history)
+    assert torch.equal(fast[1], expected_items)
+    torch.testing.assert_close(fast[0], expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_path_stays_exact_where_bf16_cannot_tell_items_apart():
+    """400 items within 1e-4 of one direction (bf16 rounds them to the same scores) and one
+    item with a huge norm (a loose rounding bound): every user falls back to fp32 where the
+    candidates cannot prove the top n, and the lists equal the reference."""
+    from distrec.score import kernel
+
+    gen = torch.Generator().manual_seed(8)
+    users = torch.randn(8, 12, generator=gen)
+    table = torch.randn(3000, 12, generator=gen)
+    table[:400] = users[0] + 1e-4 * torch.randn(400, 12, generator=gen)
+    table[2999] = -50 * users[1]
+    history = torch.full((8, 1), -1, dtype=torch.long)
+    before = kernel.STATS["fp32_again"]
+    scores, items = top_candidates(users, table, 100, history, precision="bf16")
+    assert kernel.STATS["fp32_again"] > before  # user 0 at least could not be settled in bf16
+    expected_scores, expected_items = reference_top(users, table, 100, history)
+    assert torch.equal(items, expected_items)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        top_candidates(torch.ones(1, 2), torch.eye(2), 1, precision="fp16")
+
+
+def test_bf16_table_cache_follows_the_catalog():
+    """A catalog changed in place, or another one, is converted again (no stale bf16 copy)."""
+    gen = torch.Generator().manual_seed(9)
+    users, table = torch.randn(4, 8, generator=gen), torch.randn(500, 8, generator=gen)
+    top_candidates(users, table, 10, precision="bf16")
+    table.mul_(-1)
+    none = torch.full((4, 1), -1)
+    assert torch.equal(top_candidates(users, table, 10, precision="bf16")[1], reference_top(users, table, 10, none)[1])
+    other = torch.randn(500, 8, generator=gen)
+    assert torch.equal(top_candidates(users, other, 10, precision="bf16")[1], reference_top(users, other, 10, none)[1])

@@ -6,19 +6,24 @@ get -inf (PROTOCOL.md: seen items are never recommended).
 
 Two paths with one contract:
 - CPU: a score block of a few MB (torch's GEMM writes it into one reused buffer), then a
-  compiled scan (numba) keeps each user's running top-N as a heap. The scan tests 16
-  scores at a time against the user's current N-th best and touches the heap only when one
-  beats it, so after the first blocks it costs about one pass over memory that is still in
-  cache. `torch.topk` over the block instead did a full selection per block and took ~85%
-  of the time at 1M items (BENCHMARKS.md). Ties go to the lower item index.
+  compiled scan (numba) keeps each user's running top-N as a heap of int64 keys (score and
+  item in one integer). The scan tests 16 scores at a time against the user's current N-th
+  best and touches the heap only when one beats it, so after the first blocks it costs
+  about one pass over memory that is still in cache. `torch.topk` over the block instead
+  did a full selection per block and took ~85% of the time at 1M items (BENCHMARKS.md).
+  Ties go to the lower item index. On CPUs with bf16 matrix units (AMX) and catalogs of
+  65,536 items or more, the product runs in bf16 for a few more candidates than N, which
+  are then scored exactly in fp32: the same top N, proven per user from a bound on the
+  bf16 rounding (users it cannot settle are scored again in fp32).
 - other devices: `torch.topk` per block merged into the running top-N (on a GPU the
   selection runs in parallel with the product and is cheap).
 No maintained library offers a blocked exact top-N with per-user exclusions on CPU:
-FAISS's `IndexFlatIP` cannot skip a user's seen items; here it ran 17x slower at 1M items x
-64 dims and about as fast at 256 dims (BENCHMARKS.md).
+FAISS's `IndexFlatIP` cannot skip a user's seen items, and is slower here (BENCHMARKS.md).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -37,10 +42,16 @@ def mask_history(scores: torch.Tensor, history: torch.Tensor, start: int) -> Non
 
 @torch.no_grad()
 def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: torch.Tensor | None = None,
-                   block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   block: int | None = None, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, items), each (B, n), best first: the n highest dot products of each user
     (B, d) with the catalog (N, d), history (B, L; -1 = padding) excluded. A user whose
-    history leaves fewer than n items gets seen items with score -inf at the end."""
+    history leaves fewer than n items gets seen items with score -inf at the end.
+
+    precision (CPU): "fp32" scores every item in fp32; "bf16" takes candidates from a bf16
+    product and scores them exactly in fp32 (the same top n, see _top_candidates_bf16);
+    "auto" is bf16 for catalogs of BF16_MIN_ITEMS or more on CPUs with bf16 matrix units."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     n = min(n, table.shape[0])
     if n <= 0:
         return (torch.empty((len(users), 0), dtype=users.dtype, device=users.device),
@@ -48,7 +59,7 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
     if not bool(torch.isfinite(users).all()):
         raise ValueError("user vectors contain NaN or infinity: the model produced them, check its checkpoint")
     if users.device.type == "cpu" and _scan is not None and users.dtype == torch.float32:
-        return _top_candidates_cpu(users, table.float(), n, history, block or CPU_BLOCK)
+        return _top_candidates_cpu(users, table.float(), n, history, block or CPU_BLOCK, precision)
     return _top_candidates_torch(users, table, n, history, block or 65536)
 
 
@@ -68,24 +79,118 @@ def _top_candidates_torch(users, table, n, history, block):
     return best_scores, best_items
 
 
-def _top_candidates_cpu(users, table, n, history, block):
+def _top_candidates_cpu(users, table, n, history, block, precision="auto"):
     count = len(users)
-    seen = np.zeros((count, 0), dtype=np.int64) if history is None else np.sort(history.numpy().astype(np.int64), axis=1)
-    heap_scores = np.empty((count, n), dtype=np.float32)
-    heap_items = np.empty((count, n), dtype=np.int64)
-    filled = np.zeros(count, dtype=np.int64)
+    if table.shape[0] >= 2**32:
+        raise ValueError(f"a catalog of {table.shape[0]:,} items: the CPU kernel packs item indices in 32 bits")
+    seen = (np.zeros((count, 0), dtype=np.int64) if history is None
+            else np.sort(history.numpy().astype(np.int64), axis=1))
     if table.shape[0] <= 2 * block:  # a small catalog in one block: no partial last block
         block = table.shape[0]
-    buffer = torch.empty(count, block)  # reused: a fresh 16 MB block per step page-faults
     _use_torch_threads()
     users = users.contiguous()
+    if precision == "bf16" or (precision == "auto" and table.shape[0] >= BF16_MIN_ITEMS and _bf16_is_fast()):
+        return _top_candidates_bf16(users, table, n, history, seen, block)
+    heap_keys, filled = _heaps(users, table, n, seen, block)
+    score_bits, items = np.empty((count, n), dtype=np.int32), np.empty((count, n), dtype=np.int64)
+    _best_first(heap_keys, filled, score_bits, items)
+    return torch.from_numpy(score_bits.view(np.float32)), torch.from_numpy(items)
+
+
+def _heaps(users, table, size, seen, block):
+    """Each user's running top-`size` over the catalog, as unordered heaps of int64 keys.
+    The product runs in the dtype of `users` and `table` (fp32, or bf16 for candidates)."""
+    count = len(users)
+    heap_keys = np.empty((count, size), dtype=np.int64)
+    filled = np.zeros(count, dtype=np.int64)
+    buffer = _score_buffer(count * block, users.dtype)
+    scratch = np.empty((_chunks(count), block), dtype=np.int32)  # bf16 rows widened to fp32, per chunk of users
     for start in range(0, table.shape[0], block):
         part = table[start:start + block]
-        scores = buffer.view(-1)[:count * len(part)].view(count, len(part))  # contiguous, also the last block
+        scores = buffer[:count * len(part)].view(count, len(part))  # contiguous, also the last block
         torch.mm(users, part.T, out=scores)
-        _scan(scores.numpy(), len(part), start, seen, heap_scores, heap_items, filled)
-    _best_first(heap_scores, heap_items, filled)
-    return torch.from_numpy(heap_scores), torch.from_numpy(heap_items)
+        if scores.dtype == torch.float32:
+            _scan(scores.numpy(), len(part), start, seen, heap_keys, filled)
+        else:
+            _scan_bf16(scores.view(torch.int16).numpy(), len(part), start, seen, heap_keys, filled, scratch)
+    return heap_keys, filled
+
+
+BF16_MIN_ITEMS = 65536  # below this the product is a small part of the work (BENCHMARKS.md)
+BF16_SPARE = 64  # candidates kept beyond 2 n (1M items, random vectors: 99.9% of users settled at n + 128)
+
+
+def _top_candidates_bf16(users, table, n, history, seen, block):
+    """Candidates from a bf16 product (AMX runs it 2.5-5x faster than fp32), then exact fp32
+    scores for them. Exact, not approximate. For an item j left out, its bf16 score a_j is at
+    most a_w, the worst kept; its bf16 product before the output rounding is then at most
+    a_w + 2^-8 |a_w| (x 1.01), and the input rounding (2^-8 relative for each vector) and fp32
+    accumulation (d x 2^-24) move a product by at most c |u| |v_j| <= c |u| max|v|,
+    c = 1.05 (2^-7 + 2^-16 + d 2^-24). If that sum is below the n-th best exact score among
+    the candidates, no left-out item can enter the top n, ties included. A user where it is
+    not (candidates too few for the rounding) is scored again in fp32."""
+    table_bf16, max_norm = _bf16_table(table)
+    size = min(table.shape[0], 2 * n + BF16_SPARE)
+    heap_keys, filled = _heaps(users.bfloat16(), table_bf16, size, seen, block)
+    dim = table.shape[1]
+    bound = (1.05 * (2.0**-7 + 2.0**-16 + dim * 2.0**-24) * max_norm * users.norm(dim=1)).numpy().astype(np.float32)
+    score_bits, items = np.empty((len(users), n), dtype=np.int32), np.empty((len(users), n), dtype=np.int64)
+    complete = np.zeros(len(users), dtype=np.bool_)
+    _rescore(users.numpy(), table.numpy(), heap_keys, filled, bound, score_bits, items, complete)
+    scores, items = torch.from_numpy(score_bits.view(np.float32)), torch.from_numpy(items)
+    redo = np.flatnonzero(~complete)
+    STATS["bf16_users"] += len(users)
+    STATS["fp32_again"] += len(redo)
+    if len(redo):
+        again = torch.from_numpy(redo)
+        keys, filled = _heaps(users[again].contiguous(), table, n, seen[redo], block)
+        bits, found = np.empty((len(redo), n), dtype=np.int32), np.empty((len(redo), n), dtype=np.int64)
+        _best_first(keys, filled, bits, found)
+        scores[again], items[again] = torch.from_numpy(bits.view(np.float32)), torch.from_numpy(found)
+    return scores, items
+
+
+_bf16_cache: dict = {}
+STATS = {"bf16_users": 0, "fp32_again": 0}  # users scored from bf16 candidates, and of those scored again in fp32
+
+
+def _bf16_table(table: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The catalog in bf16 and its largest row norm, kept for the catalog in use (one entry):
+    the scoring job passes the same table for every batch of users."""
+    # the same tensor object, not modified since (holding it keeps its memory from being reused)
+    if _bf16_cache.get("source") is not table or _bf16_cache.get("version") != table._version:
+        _bf16_cache.update(source=table, version=table._version, table=table.bfloat16().contiguous(),
+                           norm=float(table.norm(dim=1).max()))
+    return _bf16_cache["table"], _bf16_cache["norm"]
+
+
+def _bf16_is_fast() -> bool:
+    """bf16 products pay on CPUs with bf16 matrix units (AMX, AVX512-BF16); elsewhere torch
+    emulates them, slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+def _chunks(count: int) -> int:
+    return max(1, min(count, 4 * torch.get_num_threads()))
+
+
+_buffers = threading.local()
+
+
+def _score_buffer(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One score buffer per thread, reused across blocks and calls: a fresh block per step
+    or per batch of users page-faults on its first write, which made the product 3-4x
+    slower at ML-1M size (a 14 MB block per 1,024 users). Kept for the thread's lifetime."""
+    name = f"scores_{dtype}"
+    buffer = getattr(_buffers, name, None)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=dtype)
+        setattr(_buffers, name, buffer)
+    return buffer
 
 
 try:
@@ -94,27 +199,44 @@ except ImportError:  # numba is a dependency; without it the torch path serves e
     numba = None
 
 if numba is not None:
-    @numba.njit(cache=True, inline="always")
-    def _worse(score_a, item_a, score_b, item_b):  # heap order: the root is the worst kept
-        return score_a < score_b or (score_a == score_b and item_a > item_b)
+    # Each kept (score, item) is one int64 key: the score's bits made order-preserving as a
+    # signed int32 in the high half, (2**32 - 1 - item) in the low half. A larger key is a
+    # higher score, then a lower item, so the heap compares and moves one integer. With
+    # (score, item) pairs and a two-part comparison the heap took 3x longer (ML-1M size).
+    LOW = np.int64(0xFFFFFFFF)
 
     @numba.njit(cache=True, inline="always")
-    def _swap(scores, items, a, b):
-        scores[a], scores[b] = scores[b], scores[a]
-        items[a], items[b] = items[b], items[a]
+    def _ordered(bits):  # float32 bits (int32) -> an int32 with the same order as the floats
+        bits = np.int32(0) if bits == np.int32(-2147483648) else bits  # -0.0 ties with 0.0
+        return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
 
     @numba.njit(cache=True, inline="always")
-    def _sift_down(scores, items, size, parent):
+    def _key(bits, item):
+        return (np.int64(_ordered(bits)) << np.int64(32)) | (LOW - np.int64(item))
+
+    @numba.njit(cache=True, inline="always")
+    def _sift_down(keys, size, hole, key):  # place key at hole or below (min-heap: root = worst)
         while True:
-            child = 2 * parent + 1
+            child = 2 * hole + 1
             if child >= size:
-                return
-            if child + 1 < size and _worse(scores[child + 1], items[child + 1], scores[child], items[child]):
+                break
+            if child + 1 < size and keys[child + 1] < keys[child]:
                 child += 1
-            if not _worse(scores[child], items[child], scores[parent], items[parent]):
-                return
-            _swap(scores, items, child, parent)
-            parent = child
+            if keys[child] >= key:
+                break
+            keys[hole] = keys[child]
+            hole = child
+        keys[hole] = key
+
+    @numba.njit(cache=True, inline="always")
+    def _sift_up(keys, hole, key):
+        while hole > 0:
+            parent = (hole - 1) // 2
+            if keys[parent] <= key:
+                break
+            keys[hole] = keys[parent]
+            hole = parent
+        keys[hole] = key
 
     @numba.njit(cache=True, inline="always")
     def _max16(row, j):  # a reduction tree the compiler turns into vector max instructions
@@ -124,74 +246,177 @@ if numba is not None:
         a6 = max(row[j + 6], row[j + 14]); a7 = max(row[j + 7], row[j + 15])  # noqa: E702
         return max(max(max(a0, a4), max(a2, a6)), max(max(a1, a5), max(a3, a7)))
 
-    @numba.njit(cache=True, inline="always")
-    def _sift_up(scores, items, child):
-        while child > 0:
-            parent = (child - 1) // 2
-            if not _worse(scores[child], items[child], scores[parent], items[parent]):
-                return
-            _swap(scores, items, child, parent)
-            child = parent
+    @numba.njit(cache=True)
+    def _floor(values, n):
+        """A value that at least n of `values` reach, close to their n-th largest: the lowest
+        value in the top bins of a 64-bin histogram that together hold n or more. Exact
+        selection (np.partition) of 213 block maxima took half of the scan at ML-1M size."""
+        lo, hi, finite = np.inf, -np.inf, 0
+        for v in values:
+            if v > NEG:
+                lo, hi, finite = min(lo, v), max(hi, v), finite + 1
+        if finite < n:
+            return NEG
+        counts = np.zeros(64, dtype=np.int64)
+        lowest = np.full(64, np.inf, dtype=np.float32)
+        scale = 63.999 / (hi - lo) if hi > lo else 0.0
+        for v in values:
+            if v > NEG:
+                b = min(63, int((v - lo) * scale))
+                counts[b] += 1
+                lowest[b] = min(lowest[b], v)
+        total, floor = 0, np.float32(np.inf)
+        for b in range(63, -1, -1):  # running minimum: exact whatever the rounding of the bin index
+            total += counts[b]
+            floor = min(floor, lowest[b])
+            if total >= n:
+                break
+        return floor
 
     @numba.njit(cache=True, inline="always")
-    def _fill(row, width, start, kept, items, size):
+    def _fill(row, bits, width, start, keys, size):
         """Grow a heap holding fewer than n; returns (next column, new size). On an empty heap
-        a floor comes first: the n-th largest of the block's 16-wide maxima. At least n scores
-        reach it, so nothing below it can make the top n, and the heap fills from the few
-        that do instead of taking ~n log(width / n) replacements (a 3,416-item catalog: 4x)."""
-        n = kept.shape[0]
+        a floor comes first (_floor of the block's 16-wide maxima). At least n scores reach
+        it, so nothing below it can make the top n, and the heap fills from the few that do
+        instead of taking ~n log(width / n) replacements (a 3,416-item catalog: 4x)."""
+        n = keys.shape[0]
         floor = NEG
         chunks = width // 16
         if size == 0 and chunks >= n:
             maxima = np.empty(chunks, dtype=np.float32)
             for c in range(chunks):
                 maxima[c] = _max16(row, 16 * c)
-            floor = np.partition(maxima, chunks - n)[chunks - n]
+            floor = _floor(maxima, n)
+            # a second, closer floor from the scores that reach the first (~2.5 n of them on
+            # random scores), so the heap fills with ~n and hardly replaces any afterwards
+            reach = np.empty(16 * chunks, dtype=np.float32)
+            found = 0
+            for c in range(chunks):
+                if maxima[c] >= floor:
+                    for j in range(16 * c, 16 * c + 16):
+                        reach[found] = row[j]
+                        found += row[j] >= floor
+            floor = max(floor, _floor(reach[:found], n))
         j = 0
         while size < n and j < width:
             if row[j] >= floor:
-                kept[size], items[size] = row[j], start + j
-                _sift_up(kept, items, size)
+                _sift_up(keys, size, _key(bits[j], start + j))
                 size += 1
             j += 1
         return j, size
 
+    @numba.njit(cache=True, inline="always")
+    def _score_of(key, cell, as_float):  # the float32 score in a key (cell: 1 int32, as_float: its float view)
+        ordered = np.int32(key >> np.int64(32))
+        cell[0] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
+        return as_float[0]
+
+    @numba.njit(cache=True, inline="always")
+    def _merge(row, bits, width, start, history, keys, size):
+        """Merge score columns [0, width) (items start..start+width) of one user into its
+        heap of `size` keys; returns the new size."""
+        n = keys.shape[0]
+        first = np.searchsorted(history, start)  # seen items of this block: -inf
+        for h in range(first, np.searchsorted(history, start + width)):
+            row[history[h] - start] = NEG
+        j = 0
+        if size < n:
+            j, size = _fill(row, bits, width, start, keys, size)
+        cell = np.empty(1, dtype=np.int32)
+        as_float = cell.view(np.float32)
+        worst = _score_of(keys[0], cell, as_float)
+        while j + 16 <= width:
+            if _max16(row, j) > worst:
+                for col in range(j, j + 16):  # strictly better: an equal score has a higher item
+                    if row[col] > worst:
+                        _sift_down(keys, n, 0, _key(bits[col], start + col))
+                        worst = _score_of(keys[0], cell, as_float)
+            j += 16
+        for col in range(j, width):
+            if row[col] > worst:
+                _sift_down(keys, n, 0, _key(bits[col], start + col))
+                worst = _score_of(keys[0], cell, as_float)
+        return size
+
     # no-NaN and reordering licences let the compiler vectorise _max16; user vectors are checked finite
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nnan", "reassoc", "nsz"})
-    def _scan(scores, width, start, seen, heap_scores, heap_items, filled):
-        """Merge score columns [0, width) (items start..start+width) into each user's heap."""
-        n = heap_scores.shape[1]
+    def _scan(scores, width, start, seen, heap_keys, filled):
+        """Merge a block of fp32 scores (users x width) into each user's heap."""
         for u in numba.prange(scores.shape[0]):
-            row, kept, items, history = scores[u], heap_scores[u], heap_items[u], seen[u]
-            first = np.searchsorted(history, start)  # seen items of this block: -inf
-            for h in range(first, np.searchsorted(history, start + width)):
-                row[history[h] - start] = NEG
-            j = 0
-            if filled[u] < n:
-                j, filled[u] = _fill(row, width, start, kept, items, filled[u])
-            worst = kept[0]
-            while j + 16 <= width:
-                if _max16(row, j) > worst:
-                    for col in range(j, j + 16):  # strictly better: an equal score has a higher item
-                        if row[col] > worst:
-                            kept[0], items[0] = row[col], start + col
-                            _sift_down(kept, items, n, 0)
-                            worst = kept[0]
-                j += 16
-            for col in range(j, width):
-                if row[col] > worst:
-                    kept[0], items[0] = row[col], start + col
-                    _sift_down(kept, items, n, 0)
-                    worst = kept[0]
+            row = scores[u]
+            filled[u] = _merge(row, row.view(np.int32), width, start, seen[u], heap_keys[u], filled[u])
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nnan", "reassoc", "nsz"})
+    def _scan_bf16(scores, width, start, seen, heap_keys, filled, scratch):
+        """The same for a block of bf16 scores (their int16 bits): each row is widened to fp32
+        (the bits shifted up 16) in a small per-chunk buffer that stays in cache."""
+        count, chunks = scores.shape[0], scratch.shape[0]
+        for c in numba.prange(chunks):
+            bits = scratch[c, :width]
+            row = bits.view(np.float32)
+            for u in range(c * count // chunks, (c + 1) * count // chunks):
+                source = scores[u]
+                for j in range(width):
+                    bits[j] = np.int32(source[j]) << np.int32(16)
+                filled[u] = _merge(row, bits, width, start, seen[u], heap_keys[u], filled[u])
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"})
+    def _rescore(users, table, heap_keys, filled, bound, score_bits, items, complete):  # noqa: C901
+        """From each user's bf16 candidates to its exact fp32 top n (see _top_candidates_bf16)."""
+        n, size = score_bits.shape[1], heap_keys.shape[1]  # size < catalog: some items are not candidates
+        for u in numba.prange(heap_keys.shape[0]):
+            keys = heap_keys[u]
+            cell = np.empty(1, dtype=np.int32)
+            as_float = cell.view(np.float32)
+            worst = _score_of(keys[0], cell, as_float)
+            for last in range(filled[u] - 1, 0, -1):  # best first
+                moved = keys[last]
+                keys[last] = keys[0]
+                _sift_down(keys, last, 0, moved)
+            exact = np.empty(filled[u], dtype=np.int64)
+            for c in range(filled[u]):
+                item = LOW - (keys[c] & LOW)
+                if _score_of(keys[c], cell, as_float) == NEG:
+                    as_float[0] = NEG  # a seen item stays -inf
+                else:
+                    total = np.float32(0.0)
+                    for i in range(users.shape[1]):
+                        total += users[u, i] * table[item, i]
+                    as_float[0] = total
+                exact[c] = _key(cell[0], item)
+            best = exact[:n].copy()  # a min-heap of the n best exact keys
+            for c in range(1, n):
+                _sift_up(best, c, best[c])
+            for c in range(n, filled[u]):
+                if exact[c] > best[0]:
+                    _sift_down(best, n, 0, exact[c])
+            for last in range(n - 1, 0, -1):
+                moved = best[last]
+                best[last] = best[0]
+                _sift_down(best, last, 0, moved)
+            nth = _score_of(best[n - 1], cell, as_float)
+            if size < table.shape[0] and not worst + 2.0**-8 * 1.01 * abs(worst) + bound[u] < nth:
+                continue  # an item outside the candidates might still reach the n-th best
+            complete[u] = True
+            for i in range(n):
+                ordered = np.int32(best[i] >> np.int64(32))
+                score_bits[u, i] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
+                items[u, i] = LOW - (best[i] & LOW)
 
     @numba.njit(parallel=True, cache=True)
-    def _best_first(heap_scores, heap_items, filled):
-        """Each user's heap into best-first order in place (heapsort: the worst goes last)."""
-        for u in numba.prange(heap_scores.shape[0]):
-            kept, items = heap_scores[u], heap_items[u]
+    def _best_first(heap_keys, filled, score_bits, items):
+        """Each user's heap in best-first order (heapsort: the worst goes last), unpacked into
+        score bits (int32, to be viewed as float32) and items."""
+        for u in numba.prange(heap_keys.shape[0]):
+            keys = heap_keys[u]
             for size in range(filled[u] - 1, 0, -1):
-                _swap(kept, items, 0, size)
-                _sift_down(kept, items, size, 0)
+                last = keys[size]
+                keys[size] = keys[0]
+                _sift_down(keys, size, 0, last)
+            for i in range(filled[u]):
+                ordered = np.int32(keys[i] >> np.int64(32))
+                score_bits[u, i] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
+                items[u, i] = LOW - (keys[i] & LOW)
 
     def _use_torch_threads() -> None:  # the same thread budget as torch (Ray actors set it)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
