@@ -4,8 +4,9 @@ and the whole Ray scoring job vs its kernel alone. Ratios are measured in the sa
     python benchmarks/scoring.py --run runs/ml1m_id --data data/ml-1m-sasrec     # real vectors (ML-1M)
     python benchmarks/scoring.py --items 1000000 --dim 64 --users 2000            # synthetic vectors
 
-Achieved FLOP/s (2 * users * items * dim / time) is reported against this machine's fp32
-matrix-product peak, measured here too. Appends to BENCHMARKS.md.
+Achieved FLOP/s (2 * users * items * dim / time) is reported against this machine's
+matrix-product peak in the dtype each method's product runs in (fp32, or bf16 for the
+kernel's candidate pass), measured here too. Appends to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from distrec.score import kernel as kernel_module
 from distrec.score.kernel import FaissTopK, top_candidates
 
 from _report import best_of, publish  # noqa: E402 (benchmarks/ is the script directory)
@@ -56,6 +58,43 @@ def tower_and_kernel(model, histories, table, n, batch=1024):
             top_candidates(model.user_vectors(history, table).float(), table, n, history)
 
 
+def job_vs_one_process(run, data, n, model, histories, table, repeat=2):
+    """Table lines: the Ray job against the same per-user work in one process."""
+    from distrec.config import load_config
+    from distrec.score.config import ScoreConfig
+    from distrec.score.job import score
+
+    in_process = best_of(lambda: tower_and_kernel(model, histories, table, n), repeat=repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = score(load_config(ScoreConfig, None, [], base={
+            "run": str(run), "data": str(data), "out": f"{tmp}/recs", "candidates": n, "k": 20}))
+    tower_rate = len(histories) / in_process
+    fixed = summary["seconds"] - summary["embed_seconds"] - len(histories) / summary["users_per_s_in_blocks"]
+    return "\n".join([
+        "", f"The whole `distrec score` Ray job (policy none, {os.cpu_count()} CPUs, {summary['actors']} actors, "
+        f"{len(histories):,} users) against the same per-user work in one process (user tower on the histories, "
+        "then the kernel):", "",
+        "| | users/s | fraction of the one-process work |", "|---|---|---|",
+        f"| user tower + kernel, one process, no Ray | {tower_rate:,.0f} | 1.00 |",
+        f"| Ray job, inside the actors (Ray and actor start-up excluded) | {summary['users_per_s_in_blocks']:,.0f} | "
+        f"{summary['users_per_s_in_blocks'] / tower_rate:.2f} |",
+        f"| Ray job, end to end after embedding the catalog ({summary['embed_seconds']} s) | "
+        f"{summary['users_per_s']:,.0f} | {summary['users_per_s'] / tower_rate:.2f} |", "",
+        f"Fixed cost of the job (Ray, actors, model loading: end-to-end time less the catalog embedding and the "
+        f"actors' working time): {fixed:.1f} s.", ""])
+
+
+def job_only(args) -> int:
+    users, table, model, histories = vectors_from_run(args.run, args.data)
+    text = "\n".join([f"## The Ray scoring job against one process ({args.data.name}: {len(histories):,} users x "
+                      f"{len(table):,} items x {table.shape[1]} dims, top-{args.n})", "",
+                      f"`python benchmarks/scoring.py {' '.join(sys.argv[1:])}` ({platform.machine()}, "
+                      f"{torch.get_num_threads()} threads)",
+                      job_vs_one_process(args.run, args.data, args.n, model, histories, table, repeat=1)])
+    publish(text, append=not args.no_append)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path)
@@ -64,8 +103,12 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--n", type=int, default=100, help="top-N")
+    parser.add_argument("--job-only", action="store_true",
+                        help="with --run: only the Ray job against the same work in one process (large user counts)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+    if args.job_only:
+        return job_only(args)
     if args.run:
         users, table, model, histories = vectors_from_run(args.run, args.data)
         label = f"{args.data.name}: {len(users):,} users x {len(table):,} items x {table.shape[1]} dims (trained vectors)"
@@ -74,12 +117,15 @@ def main() -> int:
         users, table = torch.randn(args.users, args.dim, generator=gen), torch.randn(args.items, args.dim, generator=gen)
         label = f"synthetic: {args.users:,} users x {args.items:,} items x {args.dim} dims"
     flops = 2 * users.shape[0] * table.shape[0] * table.shape[1]
-    peak = peak_flops(torch.float32)
+    peak = {"fp32": peak_flops(torch.float32), "bf16": peak_flops(torch.bfloat16)}
     batch = 1024
+    uses_bf16 = table.shape[0] >= kernel_module.BF16_MIN_ITEMS and kernel_module._bf16_is_fast()
 
-    def kernel():
-        for i in range(0, len(users), batch):
-            top_candidates(users[i:i + batch], table, args.n)
+    def kernel(precision):
+        def run():
+            for i in range(0, len(users), batch):
+                top_candidates(users[i:i + batch], table, args.n, precision=precision)
+        return run
 
     def plain():
         for i in range(0, len(users), batch):
@@ -91,45 +137,35 @@ def main() -> int:
         for i in range(0, len(users), batch):
             faiss_top(users[i:i + batch], args.n)
 
-    exact = (users[:batch] @ table.T).topk(args.n, dim=1).indices
-    found = top_candidates(users[:batch], table, args.n)[1]
+    exact = torch.cat([(users[i:i + batch] @ table.T).topk(args.n, dim=1).indices for i in range(0, len(users), batch)])
+    before = dict(kernel_module.STATS)
+    found = torch.cat([top_candidates(users[i:i + batch], table, args.n)[1] for i in range(0, len(users), batch)])
+    again = kernel_module.STATS["fp32_again"] - before["fp32_again"]
     recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact)) / exact.numel()
+    methods = [("distrec kernel, bf16 candidates + exact fp32 (default here)", kernel("auto"), "bf16")] if uses_bf16 else []
+    methods += [("distrec kernel, fp32" + ("" if uses_bf16 else " (default here)"), kernel("fp32"), "fp32"),
+                ("torch.topk(U @ I.T)", plain, "fp32"), ("FAISS IndexFlatIP", faiss_search, "fp32")]
     timings = {}
-    for name, fn in (("distrec kernel (blocked, running top-N)", kernel), ("torch.topk(U @ I.T)", plain),
-                     ("FAISS IndexFlatIP", faiss_search)):
+    for name, fn, _ in methods:
         timings[name] = best_of(fn, repeat=2)
         print(f"{name}: {len(users) / timings[name]:,.0f} users/s", flush=True)
     faiss_seconds = timings["FAISS IndexFlatIP"]
-    rows = [f"| {name} | {len(users) / seconds:,.0f} | {flops / seconds / 1e9:.0f} | {flops / seconds / peak:.2f} | "
-            f"{faiss_seconds / seconds:.2f} |" for name, seconds in timings.items()]
+    rows = [f"| {name} | {dtype} | {len(users) / timings[name]:,.0f} | {flops / timings[name] / 1e9:.0f} | "
+            f"{flops / timings[name] / peak[dtype]:.2f} | {flops / timings[name] / peak['fp32']:.2f} | "
+            f"{faiss_seconds / timings[name]:.2f} |" for name, _, dtype in methods]
+    settled = (f"; {again} of {len(users):,} users ({again / len(users):.1%}) could not be settled from the bf16 "
+               "candidates and were scored again in fp32" if uses_bf16 else "")
     job_line = ""
     if args.run:
-        from distrec.config import load_config
-        from distrec.score.config import ScoreConfig
-        from distrec.score.job import score
-
-        in_process = best_of(lambda: tower_and_kernel(model, histories, table, args.n), repeat=2)
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = score(load_config(ScoreConfig, None, [], base={
-                "run": str(args.run), "data": str(args.data), "out": f"{tmp}/recs", "candidates": args.n, "k": 20}))
-        tower_rate = len(users) / in_process
-        job_line = "\n".join([
-            "", f"The whole `distrec score` Ray job (policy none, {os.cpu_count()} CPUs, {summary['actors']} actors) against "
-            "the same per-user work in one process (user tower on the histories, then the kernel; the table's kernel "
-            "line starts from ready user vectors):", "",
-            "| | users/s | fraction of the one-process work |", "|---|---|---|",
-            f"| user tower + kernel, one process, no Ray | {tower_rate:,.0f} | 1.00 |",
-            f"| Ray job, inside the actors (Ray and actor start-up excluded) | {summary['users_per_s_in_blocks']:,.0f} | "
-            f"{summary['users_per_s_in_blocks'] / tower_rate:.2f} |",
-            f"| Ray job, end to end after embedding the catalog ({summary['embed_seconds']} s) | "
-            f"{summary['users_per_s']:,.0f} | {summary['users_per_s'] / tower_rate:.2f} |", ""])
+        job_line = job_vs_one_process(args.run, args.data, args.n, model, histories, table)
         print(job_line)
     text = "\n".join([
         f"## Full-catalog top-{args.n} scoring ({label})", "",
         f"`python benchmarks/scoring.py {' '.join(sys.argv[1:])}` ({platform.machine()}, {torch.get_num_threads()} "
-        f"threads, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in this run; recall of the kernel's top-{args.n} "
-        f"against an fp32 exact search: {recall:.4f})", "",
-        "| method | users/s | GFLOP/s | fraction of peak | x FAISS |", "|---|---|---|---|---|", *rows, job_line])
+        f"threads; matrix-product peak measured in this run: fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} "
+        f"GFLOP/s; recall of the kernel's top-{args.n} against an fp32 exact search: {recall:.4f}{settled})", "",
+        "| method | product dtype | users/s | GFLOP/s | fraction of its dtype's peak | of the fp32 peak | x FAISS |",
+        "|---|---|---|---|---|---|---|", *rows, job_line])
     publish(text, append=not args.no_append)
     return 0
 

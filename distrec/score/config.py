@@ -44,9 +44,14 @@ class ScoreConfig:
     k: int = doc("items per final list", default=20)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     batch_size: int = doc("users per block (one Parquet part each)", default=1024)
-    actors: int = doc("scoring actors (0 = one per CPU of the cluster, at most the number of blocks)", default=0)
+    actors: int = doc("scoring actors (0 = one per node, each with the node's CPUs as threads; "
+                      "at most the number of blocks)", default=0)
     category_level: int = doc("which entry of an item's category list is its category (-1 = the most specific)", default=-1)
     faiss: bool = doc("top-N with FAISS IndexFlatIP instead of the blocked matrix product", default=False)
+    precision: Literal["auto", "fp32", "bf16"] = doc(
+        "CPU product of the top-N: 'fp32' for every item; 'bf16' for candidates rescored in fp32 (the same "
+        "top-N, proven per user; users it cannot prove are redone in fp32); 'auto' = bf16 on CPUs with AMX or "
+        "AVX512-BF16 for catalogs of 65,536 items or more", default="auto")
     overwrite: bool = doc("replace an output directory written by a different job", default=False)
     progress: bool = doc("show progress", default=True)
 

@@ -166,3 +166,14 @@ def test_full_disk_inside_an_actor_is_one_clear_line_and_a_rerun_completes(train
     assert subprocess.run(args, capture_output=True).returncode == 0
     recs = read_recommendations(out)
     assert len(recs) == 300 * 20 and recs.groupby("user_id").size().eq(20).all()
+
+
+def test_actor_layout_one_actor_per_node_by_default():
+    from distrec.score.job import actor_layout
+
+    assert actor_layout([2], blocks=6, asked=0, one=False) == (1, 2)
+    assert actor_layout([8, 8, 4], blocks=6, asked=0, one=False) == (3, 4)  # every actor fits every node
+    assert actor_layout([8, 8], blocks=1, asked=0, one=False) == (1, 8)
+    assert actor_layout([8, 8], blocks=6, asked=3, one=False) == (3, 5)
+    assert actor_layout([2], blocks=6, asked=4, one=False) == (4, 1)
+    assert actor_layout([8, 4], blocks=6, asked=0, one=True) == (1, 8)  # exposure: one actor, on one node
