@@ -119,7 +119,7 @@ def main() -> int:
     flops = 2 * users.shape[0] * table.shape[0] * table.shape[1]
     peak = {"fp32": peak_flops(torch.float32), "bf16": peak_flops(torch.bfloat16)}
     batch = 1024
-    uses_bf16 = table.shape[0] >= kernel_module.BF16_MIN_ITEMS and kernel_module._bf16_is_fast()
+    uses_bf16 = kernel_module._bf16_pays(table)
 
     def kernel(precision):
         def run():

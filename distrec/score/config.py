@@ -51,7 +51,7 @@ class ScoreConfig:
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "CPU product of the top-N: 'fp32' for every item; 'bf16' for candidates rescored in fp32 (the same "
         "top-N, proven per user; users it cannot prove are redone in fp32); 'auto' = bf16 on CPUs with AMX or "
-        "AVX512-BF16 for catalogs of 65,536 items or more", default="auto")
+        "AVX512-BF16 for catalogs of 2^24 item-dims or more (262,144 items x 64 dims, 65,536 x 256)", default="auto")
     overwrite: bool = doc("replace an output directory written by a different job", default=False)
     progress: bool = doc("show progress", default=True)
 

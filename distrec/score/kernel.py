@@ -12,7 +12,7 @@ Two paths with one contract:
   about one pass over memory that is still in cache. `torch.topk` over the block instead
   did a full selection per block and took ~85% of the time at 1M items (BENCHMARKS.md).
   Ties go to the lower item index. On CPUs with bf16 matrix units (AMX) and catalogs of
-  65,536 items or more, the product runs in bf16 for a few more candidates than N, which
+  2^24 item-dims or more, the product runs in bf16 for a few more candidates than N, which
   are then scored exactly in fp32: the same top N, proven per user from a bound on the
   bf16 rounding (users it cannot settle are scored again in fp32).
 - other devices: `torch.topk` per block merged into the running top-N (on a GPU the
@@ -49,7 +49,7 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
 
     precision (CPU): "fp32" scores every item in fp32; "bf16" takes candidates from a bf16
     product and scores them exactly in fp32 (the same top n, see _top_candidates_bf16);
-    "auto" is bf16 for catalogs of BF16_MIN_ITEMS or more on CPUs with bf16 matrix units."""
+    "auto" is bf16 on CPUs with bf16 matrix units for catalogs where items x dims >= BF16_MIN_SIZE."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     n = min(n, table.shape[0])
@@ -89,7 +89,7 @@ def _top_candidates_cpu(users, table, n, history, block, precision="auto"):
         block = table.shape[0]
     _use_torch_threads()
     users = users.contiguous()
-    if precision == "bf16" or (precision == "auto" and table.shape[0] >= BF16_MIN_ITEMS and _bf16_is_fast()):
+    if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
         return _top_candidates_bf16(users, table, n, history, seen, block)
     heap_keys, filled = _heaps(users, table, n, seen, block)
     score_bits, items = np.empty((count, n), dtype=np.int32), np.empty((count, n), dtype=np.int64)
@@ -116,7 +116,15 @@ def _heaps(users, table, size, seen, block):
     return heap_keys, filled
 
 
-BF16_MIN_ITEMS = 65536  # below this the product is a small part of the work (BENCHMARKS.md)
+# Below this many item-dims the bf16 path's fixed work per user (a larger heap, the fp32
+# rescoring of its candidates) outweighs the faster product. Measured per user, 1,024 users,
+# fp32 vs bf16: 200k x 64: 132 vs 147 us; 100k x 128: 109 vs 113; 300k x 64: 206 vs 196;
+# 65,536 x 256: 130 vs 119; 1M x 64: 1.3x faster in bf16; 1M x 256: 2.5-2.8x.
+BF16_MIN_SIZE = 2**24
+
+
+def _bf16_pays(table: torch.Tensor) -> bool:
+    return table.shape[0] * table.shape[1] >= BF16_MIN_SIZE and _bf16_is_fast()
 BF16_SPARE = 64  # candidates kept beyond 2 n (1M items, random vectors: 99.9% of users settled at n + 128)
 
 
