@@ -165,11 +165,13 @@ STATS = {"bf16_users": 0, "fp32_again": 0}  # users scored from bf16 candidates,
 def _bf16_table(table: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The catalog in bf16 and its largest row norm, kept for the catalog in use (one entry):
     the scoring job passes the same table for every batch of users."""
-    # the same tensor object, not modified since (holding it keeps its memory from being reused)
-    if _bf16_cache.get("source") is not table or _bf16_cache.get("version") != table._version:
-        _bf16_cache.update(source=table, version=table._version, table=table.bfloat16().contiguous(),
-                           norm=float(table.norm(dim=1).max()))
-    return _bf16_cache["table"], _bf16_cache["norm"]
+    # the same tensor object, not modified since (holding it keeps its memory from being
+    # reused); one tuple swapped in whole, so threads scoring side by side never mix entries
+    entry = _bf16_cache.get("entry")
+    if entry is None or entry[0] is not table or entry[1] != table._version:
+        entry = (table, table._version, table.bfloat16().contiguous(), float(table.norm(dim=1).max()))
+        _bf16_cache["entry"] = entry
+    return entry[2], entry[3]
 
 
 def _bf16_is_fast() -> bool:
