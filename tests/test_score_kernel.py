@@ -168,3 +168,23 @@ def test_bf16_table_cache_follows_the_catalog():
     assert torch.equal(top_candidates(users, table, 10, precision="bf16")[1], reference_top(users, table, 10, none)[1])
     other = torch.randn(500, 8, generator=gen)
     assert torch.equal(top_candidates(users, other, 10, precision="bf16")[1], reference_top(users, other, 10, none)[1])
+
+
+def test_bf16_path_is_exact_for_scores_below_the_bf16_range():
+    """Scores of ~1e-41 round to 0 in bf16 (and AMX flushes subnormals): the absolute term of
+    the bound sends the user to fp32 instead of settling on a tie of zeros."""
+    users = torch.tensor([[2.0**-70]])
+    table = torch.full((100, 1), 2.0**-66)
+    table[99] = 1.5 * 2.0**-66
+    for precision in ("bf16", "fp32"):
+        assert top_candidates(users, table, 1, precision=precision)[1].item() == 99
+
+
+def test_non_finite_catalog_is_refused_and_inference_tensors_work():
+    users, table = torch.randn(2, 4), torch.randn(300, 4)
+    with torch.inference_mode():
+        frozen = table.clone()
+    assert torch.equal(top_candidates(users, frozen, 5, precision="bf16")[1], top_candidates(users, table, 5)[1])
+    table[7, 2] = float("inf")
+    with pytest.raises(ValueError, match="catalog vectors contain NaN or infinity"):
+        top_candidates(users, table, 5)

@@ -58,6 +58,8 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
                 torch.empty((len(users), 0), dtype=torch.long, device=users.device))
     if not bool(torch.isfinite(users).all()):
         raise ValueError("user vectors contain NaN or infinity: the model produced them, check its checkpoint")
+    if not _catalog_facts(table)["finite"]:
+        raise ValueError("catalog vectors contain NaN or infinity: the model produced them, check its checkpoint")
     if users.device.type == "cpu" and _scan is not None and users.dtype == torch.float32:
         return _top_candidates_cpu(users, table.float(), n, history, block or CPU_BLOCK, precision)
     return _top_candidates_torch(users, table, n, history, block or 65536)
@@ -90,7 +92,8 @@ def _top_candidates_cpu(users, table, n, history, block, precision="auto"):
     _use_torch_threads()
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
-        return _top_candidates_bf16(users, table, n, history, seen, block)
+        if float(users.norm(dim=1).max()) * _catalog_facts(table)["max_norm"] < 1e30:  # bf16 cannot overflow
+            return _top_candidates_bf16(users, table, n, history, seen, block)
     heap_keys, filled = _heaps(users, table, n, seen, block)
     score_bits, items = np.empty((count, n), dtype=np.int32), np.empty((count, n), dtype=np.int64)
     _best_first(heap_keys, filled, score_bits, items)
@@ -129,19 +132,27 @@ BF16_SPARE = 64  # candidates kept beyond 2 n (1M items, random vectors: 99.9% o
 
 
 def _top_candidates_bf16(users, table, n, history, seen, block):
-    """Candidates from a bf16 product (AMX runs it 2.5-5x faster than fp32), then exact fp32
-    scores for them. Exact, not approximate. For an item j left out, its bf16 score a_j is at
-    most a_w, the worst kept; its bf16 product before the output rounding is then at most
-    a_w + 2^-8 |a_w| (x 1.01), and the input rounding (2^-8 relative for each vector) and fp32
-    accumulation (d x 2^-24) move a product by at most c |u| |v_j| <= c |u| max|v|,
-    c = 1.05 (2^-7 + 2^-16 + d 2^-24). If that sum is below the n-th best exact score among
-    the candidates, no left-out item can enter the top n, ties included. A user where it is
-    not (candidates too few for the rounding) is scored again in fp32."""
-    table_bf16, max_norm = _bf16_table(table)
+    """Candidates from a bf16 product (AMX runs it 2.5-5x faster than fp32), then fp32 scores
+    for them: the fp32 top n, proven per user. For an item j left out, its bf16 score a_j is
+    at most a_w, the worst kept; its product before the bf16 output rounding is then at most
+    a_w + 2^-8 |a_w| (x 1.01). The input rounding (2^-8 relative for each vector), the fp32
+    accumulation of the bf16 product and the fp32 rescoring (d x 2^-24 each) move a score by
+    at most c |u| |v_j| <= c |u| max|v|, c = 1.05 (2^-7 + 2^-16 + 2 d 2^-24), plus an absolute
+    2^-126 (d (|u| + max|v| + 1) + 1) for subnormals flushed to zero. If that sum is below the
+    n-th best fp32 score among the candidates, no left-out item can enter the top n, ties
+    included. A user where it is not (candidates too few for the rounding) is scored again
+    with the fp32 product. The rescoring sums in another order than the fp32 product: two
+    items whose scores agree to fp32 rounding may come out in the other order."""
+    facts = _catalog_facts(table)
+    if facts["bf16"] is None:
+        facts["bf16"] = table.bfloat16().contiguous()
+    table_bf16, max_norm = facts["bf16"], facts["max_norm"]
     size = min(table.shape[0], 2 * n + BF16_SPARE)
     heap_keys, filled = _heaps(users.bfloat16(), table_bf16, size, seen, block)
     dim = table.shape[1]
-    bound = (1.05 * (2.0**-7 + 2.0**-16 + dim * 2.0**-24) * max_norm * users.norm(dim=1)).numpy().astype(np.float32)
+    norms = users.double().norm(dim=1)
+    bound = (1.05 * (2.0**-7 + 2.0**-16 + 2 * dim * 2.0**-24) * max_norm * norms
+             + 2.0**-126 * (dim * (norms + max_norm + 1) + 1)).numpy()
     score_bits, items = np.empty((len(users), n), dtype=np.int32), np.empty((len(users), n), dtype=np.int64)
     complete = np.zeros(len(users), dtype=np.bool_)
     _rescore(users.numpy(), table.numpy(), heap_keys, filled, bound, score_bits, items, complete)
@@ -158,20 +169,25 @@ def _top_candidates_bf16(users, table, n, history, seen, block):
     return scores, items
 
 
-_bf16_cache: dict = {}
+_catalog_cache: dict = {}
 STATS = {"bf16_users": 0, "fp32_again": 0}  # users scored from bf16 candidates, and of those scored again in fp32
 
 
-def _bf16_table(table: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The catalog in bf16 and its largest row norm, kept for the catalog in use (one entry):
-    the scoring job passes the same table for every batch of users."""
-    # the same tensor object, not modified since (holding it keeps its memory from being
-    # reused); one tuple swapped in whole, so threads scoring side by side never mix entries
-    entry = _bf16_cache.get("entry")
-    if entry is None or entry[0] is not table or entry[1] != table._version:
-        entry = (table, table._version, table.bfloat16().contiguous(), float(table.norm(dim=1).max()))
-        _bf16_cache["entry"] = entry
-    return entry[2], entry[3]
+def _catalog_facts(table: torch.Tensor) -> dict:
+    """Whether the catalog is finite, its largest row norm and (filled by the bf16 path) its
+    bf16 copy, kept for the catalog in use: the scoring job passes one table for every batch.
+    The same tensor object, not modified since; holding it keeps its memory from being reused,
+    and one dict swapped in whole keeps threads scoring side by side from mixing entries.
+    A catalog changed in place through a NumPy view is not noticed: pass a new tensor."""
+    inference = table.is_inference()  # no version counter: checked on every call
+    entry = None if inference else _catalog_cache.get("entry")
+    if entry is None or entry["source"] is not table or entry["version"] != table._version:
+        entry = {"source": table, "version": None if inference else table._version, "bf16": None,
+                 "finite": bool(torch.isfinite(table).all()),
+                 "max_norm": float(table.norm(dim=1).max()) if len(table) else 0.0}
+        if not inference:
+            _catalog_cache["entry"] = entry
+    return entry
 
 
 def _bf16_is_fast() -> bool:
@@ -405,8 +421,8 @@ if numba is not None:
                 best[last] = best[0]
                 _sift_down(best, last, 0, moved)
             nth = _score_of(best[n - 1], cell, as_float)
-            if size < table.shape[0] and not worst + 2.0**-8 * 1.01 * abs(worst) + bound[u] < nth:
-                continue  # an item outside the candidates might still reach the n-th best
+            if size < table.shape[0] and worst != NEG and not worst + 2.0**-8 * 1.01 * abs(worst) + bound[u] < nth:
+                continue  # an item outside the candidates might still reach the n-th best (-inf: all are in)
             complete[u] = True
             for i in range(n):
                 ordered = np.int32(best[i] >> np.int64(32))
