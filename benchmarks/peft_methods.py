@@ -47,7 +47,8 @@ def main() -> int:
                     f"{results['test_cold']['ndcg@10']:.4f} | {(time.perf_counter() - started) / 60:.1f} min |")
         print(rows[-1], flush=True)
     text = "\n".join([
-        f"## PEFT methods on one budget ({args.steps} steps, data {Path(args.data).name}, {Path(args.config).name})", "",
+        f"## PEFT methods on one budget ({args.steps} steps, data {Path(args.data).name}, {Path(args.config).name}"
+        + "".join(f", {o}" for o in args.overrides) + ")", "",
         "`python benchmarks/peft_methods.py " + " ".join(sys.argv[1:]) + "`", "",
         "| method | backbone trainable | all trainable | samples/s | best valid NDCG@10 | test NDCG@10 | "
         "test NDCG@10 cold items | wall time |",
