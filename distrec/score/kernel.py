@@ -93,7 +93,7 @@ def _top_candidates_cpu(users, table, n, history, block, precision="auto"):
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
         if float(users.norm(dim=1).max()) * _catalog_facts(table)["max_norm"] < 1e30:  # bf16 cannot overflow
-            return _top_candidates_bf16(users, table, n, history, seen, block)
+            return _top_candidates_bf16(users, table, n, seen, block)
     heap_keys, filled = _heaps(users, table, n, seen, block)
     score_bits, items = np.empty((count, n), dtype=np.int32), np.empty((count, n), dtype=np.int64)
     _best_first(heap_keys, filled, score_bits, items)
@@ -128,10 +128,12 @@ BF16_MIN_SIZE = 2**24
 
 def _bf16_pays(table: torch.Tensor) -> bool:
     return table.shape[0] * table.shape[1] >= BF16_MIN_SIZE and _bf16_is_fast()
+
+
 BF16_SPARE = 64  # candidates kept beyond 2 n (1M items, random vectors: 99.9% of users settled at n + 128)
 
 
-def _top_candidates_bf16(users, table, n, history, seen, block):
+def _top_candidates_bf16(users, table, n, seen, block):
     """Candidates from a bf16 product (AMX runs it 2.5-5x faster than fp32), then fp32 scores
     for them: the fp32 top n, proven per user. For an item j left out, its bf16 score a_j is
     at most a_w, the worst kept; its product before the bf16 output rounding is then at most
