@@ -58,7 +58,7 @@ def tower_and_kernel(model, histories, table, n, batch=1024):
             top_candidates(model.user_vectors(history, table).float(), table, n, history)
 
 
-def job_vs_one_process(run, data, n, model, histories, table, repeat=2):
+def job_vs_one_process(run, data, n, model, histories, table, repeat=2, address=None):
     """Table lines: the Ray job against the same per-user work in one process."""
     from distrec.config import load_config
     from distrec.score.config import ScoreConfig
@@ -67,12 +67,13 @@ def job_vs_one_process(run, data, n, model, histories, table, repeat=2):
     in_process = best_of(lambda: tower_and_kernel(model, histories, table, n), repeat=repeat)
     with tempfile.TemporaryDirectory() as tmp:
         summary = score(load_config(ScoreConfig, None, [], base={
-            "run": str(run), "data": str(data), "out": f"{tmp}/recs", "candidates": n, "k": 20}))
+            "run": str(run), "data": str(data), "out": f"{tmp}/recs", "candidates": n, "k": 20, "address": address}))
     tower_rate = len(histories) / in_process
     fixed = summary["seconds"] - summary["embed_seconds"] - len(histories) / summary["users_per_s_in_blocks"]
     return "\n".join([
         "", f"The whole `distrec score` Ray job (policy none, {os.cpu_count()} CPUs, {summary['actors']} actors, "
-        f"{len(histories):,} users) against the same per-user work in one process (user tower on the histories, "
+        + ("on a Ray already running, " if address else "starting its own local Ray, ")
+        + f"{len(histories):,} users) against the same per-user work in one process (user tower on the histories, "
         "then the kernel):", "",
         "| | users/s | fraction of the one-process work |", "|---|---|---|",
         f"| user tower + kernel, one process, no Ray | {tower_rate:,.0f} | 1.00 |",
@@ -87,10 +88,12 @@ def job_vs_one_process(run, data, n, model, histories, table, repeat=2):
 def job_only(args) -> int:
     users, table, model, histories = vectors_from_run(args.run, args.data)
     text = "\n".join([f"## The Ray scoring job against one process ({args.data.name}: {len(histories):,} users x "
-                      f"{len(table):,} items x {table.shape[1]} dims, top-{args.n})", "",
+                      f"{len(table):,} items x {table.shape[1]} dims, top-{args.n}"
+                      + (", Ray already running" if args.address else "") + ")", "",
                       f"`python benchmarks/scoring.py {' '.join(sys.argv[1:])}` ({platform.machine()}, "
                       f"{torch.get_num_threads()} threads)",
-                      job_vs_one_process(args.run, args.data, args.n, model, histories, table, repeat=1)])
+                      job_vs_one_process(args.run, args.data, args.n, model, histories, table, repeat=1,
+                                         address=args.address)])
     publish(text, append=not args.no_append)
     return 0
 
@@ -105,6 +108,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=100, help="top-N")
     parser.add_argument("--job-only", action="store_true",
                         help="with --run: only the Ray job against the same work in one process (large user counts)")
+    parser.add_argument("--address", help="with --job-only: a running Ray to score on (e.g. 127.0.0.1:6379)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     if args.job_only:
