@@ -107,7 +107,7 @@ def _heaps(users, table, size, seen, block):
     heap_keys = np.empty((count, size), dtype=np.int64)
     filled = np.zeros(count, dtype=np.int64)
     buffer = _score_buffer(count * block, users.dtype)
-    scratch = np.empty((_chunks(count), block), dtype=np.int32)  # bf16 rows widened to fp32, per chunk of users
+    scratch = np.empty((_chunks(count) if users.dtype == torch.bfloat16 else 0, block), dtype=np.int32)  # rows widened
     for start in range(0, table.shape[0], block):
         part = table[start:start + block]
         scores = buffer[:count * len(part)].view(count, len(part))  # contiguous, also the last block
@@ -366,6 +366,19 @@ if numba is not None:
                 worst = _score_of(keys[0], cell, as_float)
         return size
 
+    @numba.njit(cache=True, inline="always")
+    def _unpack_best_first(keys, size, score_bits, items):
+        """A heap of `size` keys in best-first order (heapsort: the worst goes last), unpacked
+        into score bits (int32, to be viewed as float32) and items."""
+        for last in range(size - 1, 0, -1):
+            moved = keys[last]
+            keys[last] = keys[0]
+            _sift_down(keys, last, 0, moved)
+        for i in range(size):
+            ordered = np.int32(keys[i] >> np.int64(32))
+            score_bits[i] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            items[i] = LOW - (keys[i] & LOW)
+
     # no-NaN and reordering licences let the compiler vectorise _max16; user vectors are checked finite
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nnan", "reassoc", "nsz"})
     def _scan(scores, width, start, seen, heap_keys, filled):
@@ -397,10 +410,6 @@ if numba is not None:
             cell = np.empty(1, dtype=np.int32)
             as_float = cell.view(np.float32)
             worst = _score_of(keys[0], cell, as_float)
-            for last in range(filled[u] - 1, 0, -1):  # best first
-                moved = keys[last]
-                keys[last] = keys[0]
-                _sift_down(keys, last, 0, moved)
             exact = np.empty(filled[u], dtype=np.int64)
             for c in range(filled[u]):
                 item = LOW - (keys[c] & LOW)
@@ -418,33 +427,16 @@ if numba is not None:
             for c in range(n, filled[u]):
                 if exact[c] > best[0]:
                     _sift_down(best, n, 0, exact[c])
-            for last in range(n - 1, 0, -1):
-                moved = best[last]
-                best[last] = best[0]
-                _sift_down(best, last, 0, moved)
-            nth = _score_of(best[n - 1], cell, as_float)
+            nth = _score_of(best[0], cell, as_float)  # the root: the n-th best
             if size < table.shape[0] and worst != NEG and not worst + 2.0**-8 * 1.01 * abs(worst) + bound[u] < nth:
                 continue  # an item outside the candidates might still reach the n-th best (-inf: all are in)
             complete[u] = True
-            for i in range(n):
-                ordered = np.int32(best[i] >> np.int64(32))
-                score_bits[u, i] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
-                items[u, i] = LOW - (best[i] & LOW)
+            _unpack_best_first(best, n, score_bits[u], items[u])
 
     @numba.njit(parallel=True, cache=True)
     def _best_first(heap_keys, filled, score_bits, items):
-        """Each user's heap in best-first order (heapsort: the worst goes last), unpacked into
-        score bits (int32, to be viewed as float32) and items."""
         for u in numba.prange(heap_keys.shape[0]):
-            keys = heap_keys[u]
-            for size in range(filled[u] - 1, 0, -1):
-                last = keys[size]
-                keys[size] = keys[0]
-                _sift_down(keys, size, 0, last)
-            for i in range(filled[u]):
-                ordered = np.int32(keys[i] >> np.int64(32))
-                score_bits[u, i] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
-                items[u, i] = LOW - (keys[i] & LOW)
+            _unpack_best_first(heap_keys[u], filled[u], score_bits[u], items[u])
 
     def _use_torch_threads() -> None:  # the same thread budget as torch (Ray actors set it)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
