@@ -58,10 +58,12 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
                 torch.empty((len(users), 0), dtype=torch.long, device=users.device))
     if not bool(torch.isfinite(users).all()):
         raise ValueError("user vectors contain NaN or infinity: the model produced them, check its checkpoint")
-    if not _catalog_facts(table)["finite"]:
+    table = table.float() if users.device.type == "cpu" else table
+    facts = _catalog_facts(table)
+    if not facts["finite"]:
         raise ValueError("catalog vectors contain NaN or infinity: the model produced them, check its checkpoint")
     if users.device.type == "cpu" and _scan is not None and users.dtype == torch.float32:
-        return _top_candidates_cpu(users, table.float(), n, history, block or CPU_BLOCK, precision)
+        return _top_candidates_cpu(users, table, n, history, block or CPU_BLOCK, precision, facts)
     return _top_candidates_torch(users, table, n, history, block or 65536)
 
 
@@ -81,7 +83,7 @@ def _top_candidates_torch(users, table, n, history, block):
     return best_scores, best_items
 
 
-def _top_candidates_cpu(users, table, n, history, block, precision="auto"):
+def _top_candidates_cpu(users, table, n, history, block, precision, facts):
     count = len(users)
     if table.shape[0] >= 2**32:
         raise ValueError(f"a catalog of {table.shape[0]:,} items: the CPU kernel packs item indices in 32 bits")
@@ -92,10 +94,15 @@ def _top_candidates_cpu(users, table, n, history, block, precision="auto"):
     _use_torch_threads()
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
-        if float(users.norm(dim=1).max()) * _catalog_facts(table)["max_norm"] < 1e30:  # bf16 cannot overflow
-            return _top_candidates_bf16(users, table, n, seen, block)
+        if float(users.norm(dim=1).max()) * facts["max_norm"] < 1e30:  # bf16 cannot overflow
+            return _top_candidates_bf16(users, table, n, seen, block, facts)
+    return _top_fp32(users, table, n, seen, block)
+
+
+def _top_fp32(users, table, n, seen, block):
+    """(scores, items) best first from fp32 products and heaps."""
     heap_keys, filled = _heaps(users, table, n, seen, block)
-    score_bits, items = np.empty((count, n), dtype=np.int32), np.empty((count, n), dtype=np.int64)
+    score_bits, items = np.empty((len(users), n), dtype=np.int32), np.empty((len(users), n), dtype=np.int64)
     _best_first(heap_keys, filled, score_bits, items)
     return torch.from_numpy(score_bits.view(np.float32)), torch.from_numpy(items)
 
@@ -133,7 +140,7 @@ def _bf16_pays(table: torch.Tensor) -> bool:
 BF16_SPARE = 64  # candidates kept beyond 2 n (1M items, random vectors: 99.9% of users settled at n + 128)
 
 
-def _top_candidates_bf16(users, table, n, seen, block):
+def _top_candidates_bf16(users, table, n, seen, block, facts):
     """Candidates from a bf16 product (AMX runs it 2.5-5x faster than fp32), then fp32 scores
     for them: the fp32 top n, proven per user. For an item j left out, its bf16 score a_j is
     at most a_w, the worst kept; its product before the bf16 output rounding is then at most
@@ -145,7 +152,6 @@ def _top_candidates_bf16(users, table, n, seen, block):
     included. A user where it is not (candidates too few for the rounding) is scored again
     with the fp32 product. The rescoring sums in another order than the fp32 product: two
     items whose scores agree to fp32 rounding may come out in the other order."""
-    facts = _catalog_facts(table)
     if facts["bf16"] is None:
         facts["bf16"] = table.bfloat16().contiguous()
     table_bf16, max_norm = facts["bf16"], facts["max_norm"]
@@ -164,10 +170,7 @@ def _top_candidates_bf16(users, table, n, seen, block):
     STATS["fp32_again"] += len(redo)
     if len(redo):
         again = torch.from_numpy(redo)
-        keys, filled = _heaps(users[again].contiguous(), table, n, seen[redo], block)
-        bits, found = np.empty((len(redo), n), dtype=np.int32), np.empty((len(redo), n), dtype=np.int64)
-        _best_first(keys, filled, bits, found)
-        scores[again], items[again] = torch.from_numpy(bits.view(np.float32)), torch.from_numpy(found)
+        scores[again], items[again] = _top_fp32(users[again].contiguous(), table, n, seen[redo], block)
     return scores, items
 
 
@@ -334,9 +337,13 @@ if numba is not None:
         return j, size
 
     @numba.njit(cache=True, inline="always")
-    def _score_of(key, cell, as_float):  # the float32 score in a key (cell: 1 int32, as_float: its float view)
+    def _bits_of(key):  # the float32 bits of a key's score (the order transform undone: it is its own inverse)
         ordered = np.int32(key >> np.int64(32))
-        cell[0] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
+        return ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+    @numba.njit(cache=True, inline="always")
+    def _score_of(key, cell, as_float):  # the float32 score in a key (cell: 1 int32, as_float: its float view)
+        cell[0] = _bits_of(key)
         return as_float[0]
 
     @numba.njit(cache=True, inline="always")
@@ -375,9 +382,7 @@ if numba is not None:
             keys[last] = keys[0]
             _sift_down(keys, last, 0, moved)
         for i in range(size):
-            ordered = np.int32(keys[i] >> np.int64(32))
-            score_bits[i] = ordered ^ ((ordered >> np.int32(31)) & np.int32(0x7FFFFFFF))
-            items[i] = LOW - (keys[i] & LOW)
+            score_bits[i], items[i] = _bits_of(keys[i]), LOW - (keys[i] & LOW)
 
     # no-NaN and reordering licences let the compiler vectorise _max16; user vectors are checked finite
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nnan", "reassoc", "nsz"})
