@@ -28,7 +28,7 @@ from gemm import peak_flops  # noqa: E402
 
 
 
-def vectors_from_run(run: Path, data: Path):
+def vectors_from_run(run: Path, data: Path, users: bool = True):
     import pandas as pd
 
     from distrec.config import load_config
@@ -42,6 +42,8 @@ def vectors_from_run(run: Path, data: Path):
     table = torch.from_numpy(catalog_and_popularity(cfg, items)[0])
     model = load_model(run / "best", items, run / "tokenizer").eval()
     histories = list(pd.read_parquet(data / "test.parquet")["history"])
+    if not users:
+        return None, table.float(), model, histories
     with torch.no_grad():
         users = torch.cat([model.user_vectors(left_pad(histories[i:i + 1024], 0), table)
                            for i in range(0, len(histories), 1024)])
@@ -85,15 +87,42 @@ def job_vs_one_process(run, data, n, model, histories, table, repeat=2, address=
         f"actors' working time): {fixed:.1f} s.", ""])
 
 
+def replicated(data: Path, times: int, out: Path) -> Path:
+    """A dataset of `times` copies of `data`'s users (same histories, new user ids) over the
+    same catalog: the job's per-user work at a nightly run's size, without training a model
+    for it. Nothing is cached between users, so a copy costs what a new user would."""
+    import numpy as np
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("items.parquet", "manifest.json"):
+        (out / name).symlink_to((data / name).resolve())
+    users = pd.read_parquet(data / "users.parquet")
+    test = pd.read_parquet(data / "test.parquet")
+    n = len(users)
+    pd.DataFrame({"index": np.arange(n * times, dtype=np.int32),
+                  "user_id": [f"{u}~{r}" for r in range(times) for u in users["user_id"]]}).to_parquet(out / "users.parquet")
+    pd.concat([test.assign(user=test["user"] + r * n) for r in range(times)], ignore_index=True).to_parquet(
+        out / "test.parquet")
+    return out
+
+
 def job_only(args) -> int:
-    users, table, model, histories = vectors_from_run(args.run, args.data)
-    text = "\n".join([f"## The Ray scoring job against one process ({args.data.name}: {len(histories):,} users x "
-                      f"{len(table):,} items x {table.shape[1]} dims, top-{args.n}"
-                      + (", Ray already running" if args.address else "") + ")", "",
-                      f"`python benchmarks/scoring.py {' '.join(sys.argv[1:])}` ({platform.machine()}, "
-                      f"{torch.get_num_threads()} threads)",
-                      job_vs_one_process(args.run, args.data, args.n, model, histories, table, repeat=1,
-                                         address=args.address)])
+    from distrec.score.job import user_frame
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = replicated(args.data, args.replicate, Path(tmp) / "data") if args.replicate > 1 else args.data
+        _, table, model, _ = vectors_from_run(args.run, args.data, users=False)
+        histories = list(user_frame(data, "all")["history"])  # what the job scores: the test history, then its target
+        what = (f"{args.data.name}'s {len(histories) // args.replicate:,} users x {args.replicate}"
+                if args.replicate > 1 else args.data.name)
+        text = "\n".join([f"## The Ray scoring job against one process ({what}: {len(histories):,} users x "
+                          f"{len(table):,} items x {table.shape[1]} dims, top-{args.n}"
+                          + (", Ray already running" if args.address else "") + ")", "",
+                          f"`python benchmarks/scoring.py {' '.join(sys.argv[1:])}` ({platform.machine()}, "
+                          f"{torch.get_num_threads()} threads)",
+                          job_vs_one_process(args.run, data, args.n, model, histories, table, repeat=1,
+                                             address=args.address)])
     publish(text, append=not args.no_append)
     return 0
 
@@ -108,6 +137,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=100, help="top-N")
     parser.add_argument("--job-only", action="store_true",
                         help="with --run: only the Ray job against the same work in one process (large user counts)")
+    parser.add_argument("--replicate", type=int, default=1,
+                        help="with --job-only: score each user of --data this many times over (new user ids)")
     parser.add_argument("--address", help="with --job-only: a running Ray to score on (e.g. 127.0.0.1:6379)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()

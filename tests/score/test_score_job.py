@@ -177,3 +177,15 @@ def test_actor_layout_one_actor_per_node_by_default():
     assert actor_layout([8, 8], blocks=6, asked=3, one=False) == (3, 5)
     assert actor_layout([2], blocks=6, asked=4, one=False) == (4, 1)
     assert actor_layout([8, 4], blocks=6, asked=0, one=True) == (1, 8)  # exposure: one actor, on one node
+
+
+def test_user_frame_all_is_the_test_history_then_its_target_and_empty_without_one(tmp_path):
+    from distrec.score.job import user_frame
+
+    pd.DataFrame({"index": [0, 1, 2, 3], "user_id": ["a", "b", "c", "d"]}).to_parquet(tmp_path / "users.parquet")
+    pd.DataFrame({"user": [2, 0, 3], "history": [[5, 6], [], [7]], "target": [9, 4, 8]}).to_parquet(
+        tmp_path / "test.parquet")
+    frame = user_frame(tmp_path, "all")
+    assert frame["user"].tolist() == [0, 1, 2, 3]
+    assert [list(h) for h in frame["history"]] == [[4], [], [5, 6, 9], [7, 8]]
+    assert [list(h) for h in user_frame(tmp_path, "test")["history"]] == [[5, 6], [], [7]]
