@@ -180,7 +180,7 @@ def test_actor_layout_one_actor_per_node_by_default():
 
 
 def test_user_frame_all_is_the_test_history_then_its_target_and_empty_without_one(tmp_path):
-    from distrec.score.job import user_frame
+    from distrec.score.job import user_count, user_frame
 
     pd.DataFrame({"index": [0, 1, 2, 3], "user_id": ["a", "b", "c", "d"]}).to_parquet(tmp_path / "users.parquet")
     pd.DataFrame({"user": [2, 0, 3], "history": [[5, 6], [], [7]], "target": [9, 4, 8]}).to_parquet(
@@ -189,3 +189,4 @@ def test_user_frame_all_is_the_test_history_then_its_target_and_empty_without_on
     assert frame["user"].tolist() == [0, 1, 2, 3]
     assert [list(h) for h in frame["history"]] == [[4], [], [5, 6, 9], [7, 8]]
     assert [list(h) for h in user_frame(tmp_path, "test")["history"]] == [[5, 6], [], [7]]
+    assert user_count(tmp_path, "all") == 4 and user_count(tmp_path, "test") == 3
