@@ -6,7 +6,7 @@ import torch
 from distrec.score.kernel import top_candidates
 
 
-@pytest.mark.parametrize("block", [7, 64, 1000])
+@pytest.mark.parametrize("block", [7, 64, 74, 75, 1000])  # 75: exactly 2 blocks' worth, scored as one
 def test_blocked_topk_equals_full_topk(block):
     gen = torch.Generator().manual_seed(0)
     users, table = torch.randn(9, 8, generator=gen), torch.randn(150, 8, generator=gen)

@@ -224,6 +224,16 @@ def _check(cfg: ScoreConfig) -> tuple[pd.DataFrame, Path]:
     data = Path(cfg.data)
     if not (data / "items.parquet").is_file():
         raise ConfigError(f"{data}: not a prepared dataset (no items.parquet)")
+    # the actors read the users' histories; a missing file or column fails here, in one line
+    needed = {"users.parquet": ["index", "user_id"],
+              **({f"{cfg.users}.parquet": ["user", "history"]} if cfg.users in ("test", "val")
+                 else {"test.parquet": ["user", "history", "target"]})}
+    for name, columns in needed.items():
+        if not (data / name).is_file():
+            raise ConfigError(f"{data}: not a prepared dataset (no {name})")
+        missing = set(columns) - set(pq.read_schema(data / name).names)
+        if missing:
+            raise ConfigError(f"{data / name}: missing column(s) {sorted(missing)}; prepare the dataset again")
     items = pd.read_parquet(data / "items.parquet")
     if meta["model"]["item_repr"] in ("id", "popularity") and list(items["item_id"]) != meta["item_ids"]:
         raise ConfigError(f"{data}: its items do not match the vocabulary of run {cfg.run} "

@@ -89,8 +89,8 @@ def _top_candidates_cpu(users, table, n, history, block, precision, facts):
         raise ValueError(f"a catalog of {table.shape[0]:,} items: the CPU kernel packs item indices in 32 bits")
     if table.shape[0] <= 2 * block:  # a small catalog in one block: no partial last block
         block = table.shape[0]
+    _use_torch_threads()  # before any parallel numba call: the setting is per calling thread
     seen = _seen_items(history, count, sort=_blocks(table, block) > 1)
-    _use_torch_threads()
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
         if float(users.norm(dim=1).max()) * facts["max_norm"] < 1e30:  # bf16 cannot overflow
@@ -111,7 +111,7 @@ def _seen_items(history, count: int, sort: bool) -> np.ndarray:
     seen = np.empty((count, history.shape[1] + 1), dtype=np.int64)
     counts = np.empty(count, dtype=np.int64)
     _compact_seen(np.ascontiguousarray(history.numpy(), dtype=np.int64), seen, counts, sort)
-    return seen[:, :int(counts.max(initial=0)) + 1]  # one SEEN_END at least
+    return np.ascontiguousarray(seen[:, :int(counts.max(initial=0)) + 1])  # one SEEN_END at least
 
 
 def _blocks(table, block: int) -> int:

@@ -109,6 +109,17 @@ def test_bad_input_fails_before_any_work(cli, trained, tmp_path):
     (tmp_path / "other" / "file.txt").write_text("x")
     code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "other")
     assert code == 2 and "not a distrec score output" in err
+    # a dataset without the users' histories: one line on the driver, before Ray starts
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "data", broken)
+    (broken / "test.parquet").unlink()
+    code, err = cli("score", "--run", trained / "run", "--data", broken, "--out", tmp_path / "o2")
+    assert code == 2 and "no test.parquet" in err
+    pd.DataFrame({"user": [0], "target": [1]}).to_parquet(broken / "test.parquet")
+    code, err = cli("score", "--run", trained / "run", "--data", broken, "--out", tmp_path / "o2")
+    assert code == 2 and "test.parquet: missing column(s) ['history']" in err
 
 
 @pytest.mark.timeout(300)
