@@ -188,3 +188,50 @@ def test_non_finite_catalog_is_refused_and_inference_tensors_work():
     table[7, 2] = float("inf")
     with pytest.raises(ValueError, match="catalog vectors contain NaN or infinity"):
         top_candidates(users, table, 5)
+
+
+def _torch_bf16(users, table, n, history, block):
+    """The GPU bf16 path (torch ops only), run here on the CPU."""
+    from distrec.score import kernel
+
+    return kernel._top_candidates_torch_bf16(users, table, n, history, block, kernel._catalog_facts(table))
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_torch_bf16_path_equals_the_fp32_reference(block):
+    gen = torch.Generator().manual_seed(11)
+    users, table = torch.randn(9, 8, generator=gen), torch.randn(300, 8, generator=gen)
+    history = torch.randint(-1, 300, (9, 25), generator=gen)
+    scores, items = _torch_bf16(users, table, 20, history, block)
+    expected_scores, expected_items = reference_top(users, table, 20, history)
+    assert torch.equal(items, expected_items)
+    assert torch.allclose(scores, expected_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_bf16_path_redoes_users_bf16_cannot_settle_and_stays_exact():
+    """Items that differ below bf16's resolution: the bound cannot settle most users, who are
+    scored again in fp32; the lists still equal the reference."""
+    from distrec.score.kernel import STATS
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 16, generator=gen)
+    table = base + 1e-4 * torch.randn(2000, 16, generator=gen)
+    users = base.repeat(5, 1) + 0.01 * torch.randn(5, 16, generator=gen)
+    history = torch.full((5, 3), -1, dtype=torch.long)
+    history[0] = torch.tensor([4, 9, 1999])
+    before = STATS["fp32_again"]
+    scores, items = _torch_bf16(users, table, 10, history, 512)
+    assert STATS["fp32_again"] > before
+    expected_scores, expected_items = reference_top(users, table, 10, history)
+    assert torch.equal(items, expected_items)
+    assert not set(items[0].tolist()) & {4, 9, 1999}
+
+
+def test_torch_bf16_path_gives_seen_items_last_when_the_history_leaves_too_few():
+    gen = torch.Generator().manual_seed(2)
+    users, table = torch.randn(2, 4, generator=gen), torch.randn(40, 4, generator=gen)
+    history = torch.stack([torch.arange(37), torch.full((37,), -1)])
+    scores, items = _torch_bf16(users, table, 5, history, 16)
+    expected_scores, expected_items = reference_top(users, table, 5, history)
+    assert torch.equal(items[0, :3], expected_items[0, :3]) and torch.isinf(scores[0, 3:]).all()
+    assert torch.equal(items[1], expected_items[1])

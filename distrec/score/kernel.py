@@ -47,9 +47,10 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
     (B, d) with the catalog (N, d), history (B, L; -1 = padding) excluded. A user whose
     history leaves fewer than n items gets seen items with score -inf at the end.
 
-    precision (CPU): "fp32" scores every item in fp32; "bf16" takes candidates from a bf16
+    precision: "fp32" scores every item in fp32; "bf16" takes candidates from a bf16
     product and scores them exactly in fp32 (the same top n, see _top_candidates_bf16);
-    "auto" is bf16 on CPUs with bf16 matrix units for catalogs where items x dims >= BF16_MIN_SIZE."""
+    "auto" is bf16 on CPUs with bf16 matrix units and on CUDA GPUs with bf16, for catalogs
+    where items x dims >= BF16_MIN_SIZE."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     n = min(n, table.shape[0])
@@ -64,6 +65,10 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
         raise ValueError("catalog vectors contain NaN or infinity: the model produced them, check its checkpoint")
     if users.device.type == "cpu" and _scan is not None and users.dtype == torch.float32:
         return _top_candidates_cpu(users, table, n, history, block or CPU_BLOCK, precision, facts)
+    if precision == "bf16" or (precision == "auto" and users.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                               and table.shape[0] * table.shape[1] >= BF16_MIN_SIZE):
+        if float(users.float().norm(dim=1).max()) * facts["max_norm"] < 1e30:  # bf16 cannot overflow
+            return _top_candidates_torch_bf16(users, table, n, history, block or 65536, facts)
     return _top_candidates_torch(users, table, n, history, block or 65536)
 
 
@@ -177,10 +182,7 @@ def _top_candidates_bf16(users, table, n, seen, block, facts):
     table_bf16, max_norm = facts["bf16"], facts["max_norm"]
     size = min(table.shape[0], 2 * n + BF16_SPARE)
     heap_keys, filled = _heaps(users.bfloat16(), table_bf16, size, seen, block)
-    dim = table.shape[1]
-    norms = users.double().norm(dim=1)
-    bound = (1.05 * (2.0**-7 + 2.0**-16 + 2 * dim * 2.0**-24) * max_norm * norms
-             + 2.0**-126 * (dim * (norms + max_norm + 1) + 1)).numpy()
+    bound = _bf16_bound(users, table.shape[1], max_norm).numpy()
     score_bits, items = np.empty((len(users), n), dtype=np.int32), np.empty((len(users), n), dtype=np.int64)
     complete = np.zeros(len(users), dtype=np.bool_)
     _rescore(users.numpy(), table.numpy(), heap_keys, filled, bound, score_bits, items, complete)
@@ -192,6 +194,48 @@ def _top_candidates_bf16(users, table, n, seen, block, facts):
         again = torch.from_numpy(redo)
         scores[again], items[again] = _top_fp32(users[again].contiguous(), table, n, seen[redo], block)
     return scores, items
+
+
+def _bf16_bound(users: torch.Tensor, dim: int, max_norm: float) -> torch.Tensor:
+    """(B,) float64: how far rounding can move a score, per user (_top_candidates_bf16)."""
+    norms = users.double().norm(dim=1)
+    return (1.05 * (2.0**-7 + 2.0**-16 + 2 * dim * 2.0**-24) * max_norm * norms
+            + 2.0**-126 * (dim * (norms + max_norm + 1) + 1))
+
+
+def _top_candidates_torch_bf16(users, table, n, history, block, facts):
+    """The bf16 scheme of _top_candidates_bf16 in torch ops, for GPUs: candidates from a bf16
+    product (tensor cores; cuBLAS's reduced-precision bf16 reductions turned off for it, so
+    that it accumulates in fp32 as the bound assumes), rescored in fp32 by elementwise
+    products (TF32 settings do not apply), accepted per user by the same bound; the rest
+    are scored again in fp32. Best first, ties to the lower item, like the CPU kernel."""
+    if facts["bf16"] is None:
+        facts["bf16"] = table.bfloat16().contiguous()
+    size = min(table.shape[0], 2 * n + BF16_SPARE)
+    users = users.float()
+    cuda = torch.backends.cuda.matmul
+    reduced = cuda.allow_bf16_reduced_precision_reduction
+    cuda.allow_bf16_reduced_precision_reduction = False
+    try:
+        rough, items = _top_candidates_torch(users.bfloat16(), facts["bf16"], size, history, block)
+    finally:
+        cuda.allow_bf16_reduced_precision_reduction = reduced
+    exact = (users.unsqueeze(1) * table.float()[items]).sum(dim=2).masked_fill(rough == NEG, NEG)  # seen stay -inf
+    by_item = items.argsort(dim=1)  # then a stable sort by score: equal scores keep the lower item first
+    items, exact = items.gather(1, by_item), exact.gather(1, by_item)
+    order = torch.sort(exact, dim=1, descending=True, stable=True).indices
+    items, exact = items.gather(1, order)[:, :n], exact.gather(1, order)[:, :n]
+    worst = rough.double().min(dim=1).values
+    bound = _bf16_bound(users, table.shape[1], facts["max_norm"]).to(users.device)
+    complete = ((worst == NEG) | (worst + 2.0**-8 * 1.01 * worst.abs() + bound < exact[:, -1].double())
+                if size < table.shape[0] else torch.ones(len(users), dtype=torch.bool, device=users.device))
+    redo = (~complete).nonzero().squeeze(1)
+    STATS["bf16_users"] += len(users)
+    STATS["fp32_again"] += len(redo)
+    if len(redo):
+        exact[redo], items[redo] = _top_candidates_torch(users[redo], table.float(), n,
+                                                         None if history is None else history[redo], block)
+    return exact, items
 
 
 _catalog_cache: dict = {}
