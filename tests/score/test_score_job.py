@@ -164,10 +164,11 @@ def test_sweep_draws_the_tradeoff_and_picks_within_the_loss(trained, tmp_path):
 @pytest.mark.timeout(300)
 def test_full_disk_inside_an_actor_is_one_clear_line_and_a_rerun_completes(trained, tmp_path):
     """An OS error in a Ray actor (fault-injected ENOSPC when it writes a part) comes out of
-    Ray's wrappers as the CLI's one-line message and exit 1; the same command then completes."""
+    Ray's wrappers as the CLI's one-line message and exit 1; the same command then completes.
+    38 blocks: Ray Data tasks of 8 blocks each, so the error comes from inside a task's loop."""
     out = tmp_path / "recs"
     args = [sys.executable, "-m", "distrec", "score", "--run", str(trained / "run"), "--data", str(trained / "data"),
-            "--out", str(out), "batch_size=64", "actors=1"]
+            "--out", str(out), "batch_size=8", "actors=1"]
     failed = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "DISTREC_FAULT_SCORE_WRITE": "ENOSPC"})
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert failed.returncode == 1, failed.stderr[-2000:]
