@@ -399,14 +399,21 @@ if numba is not None:
             floor = max(floor, _floor(reach[:found], n))
             # every score in [0, 16 chunks) that reaches the floor is among them, in column
             # order: fill from them, not from a scalar pass over the whole row (2x at ML-1M)
+            # branch-free: every key is written, the slot kept only if it reaches the floor;
+            # then one bottom-up heapify (a branch and a sift-up per key: 6% slower at ML-1M)
+            last = -1
             for r in range(found):
+                col = where[r]
+                keys[size] = _key(bits[col], start + col)
+                take = reach[r] >= floor
+                size += take
+                last = col if take else last
                 if size == n:
-                    return j, size
-                if reach[r] >= floor:
-                    col = where[r]
-                    _sift_up(keys, size, _key(bits[col], start + col))
-                    size += 1
-                    j = col + 1
+                    break
+            for hole in range(size // 2 - 1, -1, -1):
+                _sift_down(keys, size, hole, keys[hole])
+            if size == n:
+                return last + 1, size
             j = 16 * chunks
         while size < n and j < width:
             if row[j] >= floor:
