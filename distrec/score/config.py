@@ -49,9 +49,13 @@ class ScoreConfig:
     category_level: int = doc("which entry of an item's category list is its category (-1 = the most specific)", default=-1)
     faiss: bool = doc("top-N with FAISS IndexFlatIP instead of the blocked matrix product", default=False)
     precision: Literal["auto", "fp32", "bf16"] = doc(
-        "CPU product of the top-N: 'fp32' for every item; 'bf16' for candidates rescored in fp32 (the same "
+        "product of the top-N: 'fp32' for every item; 'bf16' for candidates rescored in fp32 (the same "
         "top-N, proven per user; users it cannot prove are redone in fp32); 'auto' = bf16 on CPUs with AMX or "
-        "AVX512-BF16 for catalogs of 2^24 item-dims or more (262,144 items x 64 dims, 65,536 x 256)", default="auto")
+        "AVX512-BF16 and on CUDA GPUs with bf16, for catalogs of 2^24 item-dims or more (262,144 items x 64 dims, "
+        "65,536 x 256)", default="auto")
+    device: Literal["auto", "cpu", "cuda"] = doc(
+        "where the actors score: 'auto' = one actor per GPU when the Ray cluster has GPUs (user tower and "
+        "product on it), else the CPUs; 'cpu'; 'cuda' (an error if the cluster has no GPUs)", default="auto")
     overwrite: bool = doc("replace an output directory written by a different job", default=False)
     progress: bool = doc("show progress", default=True)
 

@@ -86,7 +86,7 @@ def user_count(data_dir: Path, which: str) -> int:
 class BlockScorer:
     """Scores blocks of users and writes their parts; constructed once per Ray actor."""
 
-    def __init__(self, cfg_dict: dict, catalog: np.ndarray, popularity: np.ndarray):
+    def __init__(self, cfg_dict: dict, catalog: np.ndarray, popularity: np.ndarray, device: str = "cpu"):
         from distrec.config import from_dict
 
         self.cfg = from_dict(ScoreConfig, cfg_dict)
@@ -104,7 +104,11 @@ class BlockScorer:
         self.popularity = torch.from_numpy(np.array(popularity))
         self.categories, self.category_names = primary_categories(self.items, self.cfg.category_level)
         self.model = load_model(Path(self.cfg.run) / "best", self.items, Path(self.cfg.run) / "tokenizer")
-        self.model.eval()
+        # on a GPU actor (Ray sets CUDA_VISIBLE_DEVICES to its GPU) the user tower and the
+        # product run there; re-ranking and the parts stay on the CPU with the lists
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.device_table = self.table.to(self.device)
         self.shown = torch.zeros(len(self.items), dtype=torch.long)  # exposure policy state
         self.faiss = FaissTopK(self.table) if self.cfg.faiss else None
         self.out = Path(self.cfg.out)
@@ -140,12 +144,14 @@ class BlockScorer:
         cfg = self.cfg
         history = left_pad(histories, 0)
         empty = torch.tensor([len(h) == 0 for h in histories])
-        user_vectors = self.model.user_vectors(history, self.table)
+        on_device = history.to(self.device)
+        user_vectors = self.model.user_vectors(on_device, self.device_table)
         if self.faiss is not None:
-            relevance, candidates = self.faiss(user_vectors, cfg.candidates, history)
+            relevance, candidates = self.faiss(user_vectors.cpu(), cfg.candidates, history)
         else:
-            relevance, candidates = top_candidates(user_vectors.float(), self.table.float(), cfg.candidates, history,
-                                                   precision=cfg.precision)
+            relevance, candidates = top_candidates(user_vectors.float(), self.device_table.float(), cfg.candidates,
+                                                   on_device, precision=cfg.precision)
+            relevance, candidates = relevance.cpu(), candidates.cpu()
         if empty.any():  # nothing to go on: the most popular items
             pop, pop_items = self.popularity.float().topk(min(cfg.candidates, len(self.popularity)))
             relevance[empty], candidates[empty] = pop, pop_items
@@ -213,13 +219,15 @@ def _raise_actor_error(error: str) -> None:
 
 def _job_id(cfg: ScoreConfig) -> str:
     """What makes two runs the same job (so a re-run may resume it)."""
-    keys = {k: v for k, v in to_dict(cfg).items() if k not in ("address", "actors", "progress", "overwrite")}
+    keys = {k: v for k, v in to_dict(cfg).items() if k not in ("address", "actors", "device", "progress", "overwrite")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check(cfg: ScoreConfig) -> tuple[pd.DataFrame, Path]:
     if not (cfg.run and cfg.data and cfg.out):
         raise ConfigError("--run, --data and --out are required")
+    if cfg.device == "cuda" and not cfg.address and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: this machine has no CUDA GPU for the local Ray; use device=auto or cpu")
     meta = read_model_json(Path(cfg.run) / "best")
     data = Path(cfg.data)
     if not (data / "items.parquet").is_file():
@@ -279,6 +287,15 @@ def actor_layout(node_cpus: list[int], blocks: int, asked: int, one: bool) -> tu
     return min(len(node_cpus), blocks), min(node_cpus)
 
 
+def gpu_layout(node_cpus: list[int], node_gpus: list[int], blocks: int, asked: int, one: bool) -> tuple[int, int]:
+    """(actors, CPU threads per actor) with one GPU per actor: by default one actor per GPU in
+    the cluster; the threads are the CPUs of the GPU nodes shared by their GPUs."""
+    gpus = sum(node_gpus)
+    threads = max(1, min(c // g for c, g in zip(node_cpus, node_gpus) if g))
+    actors = 1 if one else min(asked or gpus, gpus, blocks)
+    return actors, threads
+
+
 def score(cfg: ScoreConfig) -> dict:
     import ray
 
@@ -296,9 +313,14 @@ def score(cfg: ScoreConfig) -> dict:
             # no address: a fresh local Ray, never a cluster `ray start` left running on this machine
             ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False,
                      **({} if cfg.address else {"num_cpus": os.cpu_count()}))
-        node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes()
-                     if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
-        actors, threads = actor_layout(node_cpus or [1], len(todo), cfg.actors, cfg.policy.name == "exposure")
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
+        node_cpus, node_gpus = [int(n.get("CPU", 0)) for n in nodes], [int(n.get("GPU", 0)) for n in nodes]
+        if cfg.device == "cuda" and not any(node_gpus):
+            raise ConfigError("device=cuda: the Ray cluster has no GPUs; use device=auto or cpu")
+        on_gpus = cfg.device != "cpu" and any(node_gpus)
+        one = cfg.policy.name == "exposure"  # it counts exposure across all users: one actor
+        actors, threads = (gpu_layout(node_cpus, node_gpus, len(todo), cfg.actors, one) if on_gpus
+                           else actor_layout(node_cpus or [1], len(todo), cfg.actors, one))
         import ray.data
 
         env = {"DISTREC_SCORE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
@@ -310,8 +332,10 @@ def score(cfg: ScoreConfig) -> dict:
         tasks = math.ceil(len(todo) / group)
         dataset = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=tasks)
         done = dataset.map_batches(
-            BlockScorer, fn_constructor_args=(to_dict(cfg), ray.put(table), ray.put(popularity)),
-            batch_size=group, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads, runtime_env={"env_vars": env},
+            BlockScorer, fn_constructor_args=(to_dict(cfg), ray.put(table), ray.put(popularity),
+                                              "cuda" if on_gpus else "cpu"),
+            batch_size=group, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads, num_gpus=1 if on_gpus else 0,
+            runtime_env={"env_vars": env},
         ).take_all()
         for row in done:
             if row["error"]:

@@ -202,3 +202,20 @@ def test_user_frame_all_is_the_test_history_then_its_target_and_empty_without_on
     assert [list(h) for h in frame["history"]] == [[4], [], [5, 6, 9], [7, 8]]
     assert [list(h) for h in user_frame(tmp_path, "test")["history"]] == [[5, 6], [], [7]]
     assert user_count(tmp_path, "all") == 4 and user_count(tmp_path, "test") == 3
+
+
+def test_gpu_layout_one_actor_per_gpu_with_the_cpus_shared():
+    from distrec.score.job import gpu_layout
+
+    assert gpu_layout([16], [2], blocks=100, asked=0, one=False) == (2, 8)
+    assert gpu_layout([16, 8], [4, 0], blocks=100, asked=0, one=False) == (4, 4)  # the CPU-only node holds none
+    assert gpu_layout([16, 16], [2, 2], blocks=3, asked=0, one=False) == (3, 8)  # at most the blocks
+    assert gpu_layout([16], [2], blocks=100, asked=5, one=False) == (2, 8)  # at most the GPUs
+    assert gpu_layout([16], [2], blocks=100, asked=0, one=True) == (1, 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_clear_line(cli, trained, tmp_path):
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "o",
+                    "device=cuda")
+    assert code == 2 and "device=cuda: this machine has no CUDA GPU" in err
