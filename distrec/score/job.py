@@ -263,12 +263,15 @@ def _check(cfg: ScoreConfig) -> tuple[pd.DataFrame, Path]:
 
 
 def catalog_and_popularity(cfg: ScoreConfig, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The catalog's item vectors, embedded once (batched through the item tower)."""
+    """The catalog's item vectors, embedded once (batched through the item tower), on the
+    driver's GPU when it has one and `device` allows: a text catalog is most of the work."""
     model = load_model(Path(cfg.run) / "best", items, Path(cfg.run) / "tokenizer")
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        model.to("cuda")
     model.eval()
-    model.refresh_cache()
     with torch.no_grad():
-        table = model.item_table().float().numpy()
+        model.refresh_cache()
+        table = model.item_table().float().cpu().numpy()
     popularity = np.log1p(items["train_count"].to_numpy().astype(np.float32))
     return table, popularity
 
