@@ -67,7 +67,7 @@ def top_candidates(users: torch.Tensor, table: torch.Tensor, n: int, history: to
         return _top_candidates_cpu(users, table, n, history, block or CPU_BLOCK, precision, facts)
     if precision == "bf16" or (precision == "auto" and users.device.type == "cuda" and torch.cuda.is_bf16_supported()
                                and table.shape[0] * table.shape[1] >= BF16_MIN_SIZE):
-        if float(users.float().norm(dim=1).max()) * facts["max_norm"] < 1e30:  # bf16 cannot overflow
+        if _bf16_cannot_overflow(users, facts):
             return _top_candidates_torch_bf16(users, table, n, history, block or 65536, facts)
     return _top_candidates_torch(users, table, n, history, block or 65536)
 
@@ -98,9 +98,13 @@ def _top_candidates_cpu(users, table, n, history, block, precision, facts):
     seen = _seen_items(history, count, sort=_blocks(table, block) > 1)
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
-        if float(users.norm(dim=1).max()) * facts["max_norm"] < 1e30:  # bf16 cannot overflow
+        if _bf16_cannot_overflow(users, facts):
             return _top_candidates_bf16(users, table, n, seen, block, facts)
     return _top_fp32(users, table, n, seen, block)
+
+
+def _bf16_cannot_overflow(users, facts) -> bool:
+    return float(users.float().norm(dim=1).max()) * facts["max_norm"] < 1e30
 
 
 SEEN_END = np.int64(2**62)  # after a user's seen items: above every item index
