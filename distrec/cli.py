@@ -110,6 +110,13 @@ def run_train(args) -> int:
     from distrec.train.loop import train  # heavy imports only when training
 
     results = train(cfg, resume=args.resume, init_from=args.init_from)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # torn down before the interpreter exits: a fresh-clone CI run saw a rank of a 2-process
+        # ZeRO-3 launch abort at exit ("terminate called without an active exception") after
+        # writing its results, from communication threads still alive at shutdown
+        dist.destroy_process_group()
     test = results["test"]
     if int(os.environ.get("RANK", "0")) != 0:  # one line per job, not per process
         return 0
