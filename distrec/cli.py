@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from distrec.config import ConfigError, help_text, load_config
+from distrec.console import quiet
 from distrec.data.rows import DataError
 
 DEMO_TRAIN = {  # configs/train/demo.yaml, inlined so an installed package needs no repo checkout
@@ -31,7 +32,8 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--items", help="item catalog file (default: found beside the input)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--config", help="a YAML file of prepare settings (configs/prepare/*.yaml)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an earlier output of distrec prepare (never an input or a folder distrec did not write)")
     p.add_argument("--verify", metavar="DIR", help="check a prepared dataset (checksums, samples, tables) and exit")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
@@ -134,7 +136,8 @@ def _score_parser(sub) -> None:
     p.add_argument("--policy", help="none | mmr | dpp | category_cap | calibration | exposure")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
     p.add_argument("--config", help="a YAML file of score settings")
-    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the results of a different scoring job in --out (a re-run of the same job resumes)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. policy.strength=0.3 k=10")
 
@@ -168,6 +171,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--sweep", action="store_true", help="policies over a range of strengths: the trade-off curve")
     p.add_argument("--max-loss", type=float, default=0.02, help="--sweep: accuracy loss allowed (relative)")
     p.add_argument("--category-level", type=int, default=-1, help="which entry of an item's categories counts")
+    p.add_argument("--overwrite", action="store_true", help="replace a report that distrec evaluate wrote there")
 
 
 def run_evaluate(args) -> int:
@@ -176,7 +180,8 @@ def run_evaluate(args) -> int:
     if args.sweep:
         if args.run is None:
             raise ConfigError("--sweep needs --run")
-        result = ev.sweep(args.run, args.data, args.out, max_loss=args.max_loss, category_level=args.category_level)
+        result = ev.sweep(args.run, args.data, args.out, max_loss=args.max_loss, category_level=args.category_level,
+                          overwrite=args.overwrite)
         for name, best in result["best_within_loss"].items():
             print(f"{name:13s} most diverse within {args.max_loss:.0%} NDCG loss: strength {best['ild']['strength']} "
                   f"ILD@10 {best['ild']['ild@10']:.3f}; category coverage {best['category_coverage']['category_coverage@10']:.3f}",
@@ -185,7 +190,9 @@ def run_evaluate(args) -> int:
         return 0
     if args.recs is None:
         raise ConfigError("--recs is required (or --sweep with --run)")
-    result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level)
+    result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level, overwrite=args.overwrite)
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     acc = result["accuracy"]
     print(f"NDCG@10 {acc.get('ndcg@10', float('nan')):.4f}  HR@10 {acc.get('hr@10', float('nan')):.4f}  "
           f"({result['users']:,} users) -> {args.out}/report.html", file=sys.stderr)
@@ -247,13 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="out/demo", help="where the demo writes (default out/demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="synthetic.* go to prepare, the rest to train (e.g. train.epochs=1)")
+    for action in sub.choices.values():
+        action.add_argument("--verbose", action="store_true", help="show library warnings and logs (Ray, DeepSpeed, transformers)")
     args = parser.parse_args(argv)
+    quiet(args.verbose)
     verbs = {"prepare": run_prepare, "train": run_train, "score": run_score, "evaluate": run_evaluate,
              "demo": run_demo}
     try:
         return verbs[args.verb](args)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # an input named on the command line or in a config that is not there
+        print(f"error: {e.filename or e}: not found while {args.verb} was reading its input; check the path "
+              "(relative paths are from the current directory)", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only or unwritable output: the machine, not the input
         where = f"{e.filename}: " if e.filename else ""

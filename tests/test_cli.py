@@ -28,6 +28,22 @@ def test_demo_runs_end_to_end_with_the_default_backbone(tmp_path):
     recs = pd.concat(pd.read_parquet(p) for p in (tmp_path / "demo" / "recs").glob("part-*.parquet"))
     assert recs["user_id"].nunique() == 300 and (recs["policy"] == "mmr").all()
     assert "[1/4] prepare" in result.stderr and "[2/4] train" in result.stderr and "demo finished" in result.stderr
+    # quiet by default: no library warnings, Ray log lines or weight-loading bars; one line per backbone
+    for noise in ("Warning", "WARNING", " INFO ", "Loading weights", "core_worker", "warnings.warn"):
+        assert noise not in result.stderr, (noise, result.stderr)
+    assert result.stderr.count("backbone all-MiniLM-L6-v2:") == 1, result.stderr
+
+
+def test_verbose_brings_the_library_output_back(tmp_path):
+    quiet = _run("prepare", "--source", "synthetic", "--out", tmp_path / "q", "synthetic.num_users=50",
+                 "synthetic.num_items=30", "--no-progress")
+    assert quiet.returncode == 0, quiet.stderr
+    probe = ("import warnings, distrec.cli as c, os; c.quiet({}); "
+             "warnings.warn('lib says', FutureWarning); print(os.environ.get('DISTREC_VERBOSE'))")
+    silent = subprocess.run([sys.executable, "-c", probe.format(False)], capture_output=True, text=True)
+    loud = subprocess.run([sys.executable, "-c", probe.format(True)], capture_output=True, text=True)
+    assert "lib says" not in silent.stderr and silent.stdout.strip() == "None"
+    assert "lib says" in loud.stderr and loud.stdout.strip() == "1"  # inherited by launched processes and Ray workers
 
 
 def test_missing_arguments_are_named():

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from distrec.config import ConfigError
+from distrec.console import say_once
 
 # Backbones that registry packages ship, so that they load with no model hub.
 PACKAGED = {
@@ -67,6 +68,8 @@ def load_backbone(name: str, trust_remote_code: bool = False, dropout: float | N
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.backbone={name!r}: cannot load it ({first}); give a local directory "
                           "with config.json and weights, or a packaged alias such as all-MiniLM-L6-v2") from None
+    say_once(f"backbone:{name}", f"backbone {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+             f"parameters, from {path}")
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused (we pool ourselves); left in, DDP would flag unused parameters
     if dropout is not None:
