@@ -29,7 +29,8 @@ def _prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="turn interaction logs into a split, sharded dataset")
     p.add_argument("--source", help="recbole | movielens | p5 | table | synthetic")
     p.add_argument("--input", help="interaction file or data-set directory")
-    p.add_argument("--items", help="item catalog file (default: found beside the input)")
+    p.add_argument("--items", help="item catalog file (default: recbole NAME.item beside NAME.inter, movielens "
+                   "movies.dat or u.item, p5 the one *.item file in the folder; table: none, pass it)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--config", help="a YAML file of prepare settings (configs/prepare/*.yaml)")
     p.add_argument("--overwrite", action="store_true", default=None,

@@ -126,7 +126,10 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}") from None
+        text = str(e)
+        # the checks name their keys ("split.seed must be >= 0"): no second "split: " before them
+        named = prefix and text.startswith((where + ".", where + ":", where + " "))
+        raise ConfigError(text if named else f"{where}: {text}") from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -137,15 +140,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'split.mode=time' -> (['split', 'mode'], 'time'); the value is read as YAML, so
     `a=3`, `a=null`, `a=[x, y]` and `a=true` get their natural types."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value (for example split.mode=time)")
+        raise ConfigError(f"{text}: an override must look like key=value (for example split.mode=time)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': empty key")
+        raise ConfigError(f"{text}: empty key (an override looks like key=value)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and raw.strip()[:1] in ("|", ">"):
+        value = raw  # a YAML block-scalar sign: on a command line it is the character itself
     return key.split("."), value
 
 
@@ -175,27 +180,51 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _with_overrides(data: dict, overrides) -> dict:
+    for keys, value in overrides:
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        data = merge(data, nested)
+    return data
+
+
+def _error(cls: type, data: dict) -> str | None:
+    try:
+        from_dict(cls, data)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def load_config(
     cls: type,
     path: str | Path | None = None,
     overrides: list[str] = (),
     base: dict | None = None,
 ) -> Any:
-    """Defaults of `cls` <- `base` (e.g. from CLI flags) <- YAML file <- `key=value` overrides."""
-    data: dict = dict(base or {})
-    if path is not None:
-        data = merge(data, read_yaml(path))
+    """Defaults of `cls` <- `base` (e.g. from CLI flags) <- YAML file <- `key=value` overrides.
+
+    A bad value is blamed on where it came from: `FILE.yaml: ...` for the file, `command line:
+    key=value: ...` for the first override that brings the error in."""
+    flags: dict = dict(base or {})
+    data = merge(flags, read_yaml(path)) if path is not None else flags
+    parsed = []
     for text in overrides:
-        keys, value = parse_override(text)
-        nested: Any = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        data = merge(data, nested)
+        try:
+            parsed.append(parse_override(text))
+        except ConfigError as e:
+            raise ConfigError(f"command line: {e}") from None
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, _with_overrides(data, parsed))
     except ConfigError as e:
-        source = f" (from {path})" if path is not None else ""
-        raise ConfigError(f"{e}{source}") from None
+        message = str(e)
+    # blame the first source after which the final error appears: the defaults (a key nobody
+    # set), the flags, the file, or one override
+    stages = [("", {}), ("command line: ", flags)] + ([(f"{path}: ", data)] if path is not None else [])
+    stages += [(f"command line: {text}: ", _with_overrides(data, parsed[:n + 1])) for n, text in enumerate(overrides)]
+    blame = next((where for where, stage in stages if _error(cls, stage) == message), "")
+    raise ConfigError(f"{blame}{message}") from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -33,7 +33,18 @@ class ColumnsConfig:
         "how a categories value splits: 'auto' (a quoted list like 'a', 'b'; else '|'; else whitespace) "
         "or a literal separator", default="auto")
     format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = doc(
-        "file format of the table source (auto = from the extension)", default="auto")
+        "file format of the table source (auto = from the extension; .gz/.bz2/.xz files are read "
+        "decompressed)", default="auto")
+    separator: Optional[str] = doc(
+        "field separator of a csv/tsv table: one character, or '\\t' for a tab (null = ',' for csv, "
+        "tab for tsv)", default=None)
+
+    def __post_init__(self):
+        if self.separator in ("\\t", "tab"):  # `columns.separator=\t` on a command line
+            self.separator = "\t"
+        if self.separator is not None and (len(self.separator) != 1 or self.separator in "\"\r\n"):
+            raise ValueError(f"columns.separator must be one character other than a quote or a line break "
+                             f"(or '\\t' for a tab), got {self.separator!r}")
 
 
 @dataclass
@@ -129,7 +140,9 @@ class PrepareConfig:
     source: Literal["recbole", "movielens", "p5", "table", "synthetic"] = doc(
         "input format: recbole | movielens | p5 | table | synthetic", default="synthetic")
     input: Optional[str] = doc("interaction file or data-set directory (not used by synthetic)", default=None)
-    items: Optional[str] = doc("item catalog file (default: found beside the input)", default=None)
+    items: Optional[str] = doc(
+        "item catalog file (default: recbole NAME.item beside NAME.inter, movielens movies.dat or u.item, "
+        "p5 the one *.item file in the folder; table: none, pass it)", default=None)
     out: Optional[str] = doc("output directory (written atomically)", default=None)
     overwrite: bool = doc("replace an existing output directory", default=False)
     encoding: Optional[str] = doc("text encoding of the input files (null = the source's convention)", default=None)

@@ -30,6 +30,7 @@ from distrec.data.config import PrepareConfig
 from distrec.data.process import Dataset, build
 from distrec.data.rows import DataError
 from distrec.data.shards import write_shards
+from distrec.outputs import check_output, mark_output
 
 READERS = {
     "recbole": readers.read_recbole,
@@ -67,14 +68,12 @@ EVAL_SCHEMA = pa.schema([("user", pa.int32()), ("history", pa.list_(pa.int32()))
 TEST_SCHEMA = EVAL_SCHEMA.append(pa.field("cold_target", pa.bool_()))
 
 
-def _staging_dir(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of `out`; clear errors for outputs that cannot be replaced."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory; choose another --out")
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
-        raise DataError(f"{out}: refusing to replace the current directory or one above it; choose another --out")
+def _staging_dir(out: Path, cfg: PrepareConfig) -> Path:
+    """A fresh temporary sibling of `out`, after `check_output` said `out` may be written:
+    never an input or a folder holding one, never a folder distrec prepare did not write
+    (whatever --overwrite says), an earlier output only with --overwrite."""
+    inputs = [] if cfg.source == "synthetic" else [cfg.input, cfg.items]
+    check_output(out, "prepare", inputs=inputs, flag="--overwrite", overwrite=cfg.overwrite, error=DataError)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -101,7 +100,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise DataError(f"{cfg.input}: input not found")
     started = time.perf_counter()
     out = Path(cfg.out)
-    staging = _staging_dir(out, cfg.overwrite)
+    staging = _staging_dir(out, cfg)
     try:
         source = READERS[cfg.source](cfg)
         data = build(source, cfg)
@@ -143,6 +142,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         save_config(cfg, staging / "config.yaml")
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        mark_output(staging, "prepare", {f["path"]: f["sha256"] for f in source.files})
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,7 +14,9 @@ import pandas as pd
 
 from distrec.data.config import PrepareConfig
 from distrec.data.rows import BadRows, DataError
-from distrec.data.tables import SourceData
+from distrec.data.tables import SourceData, timestamp_warnings
+
+NO_CATALOG = "no item catalog: every item text is empty, so text models cannot learn; pass --items FILE"
 
 
 @dataclass
@@ -166,6 +168,14 @@ def build(source: SourceData, cfg: PrepareConfig) -> Dataset:
                         "(use more data, or shorter val/test periods with split.mode=time)")
     if not val_rows:
         warnings.append("the validation split is empty")
+    if source.ordered_by == "timestamp":
+        warnings += timestamp_warnings(source.interactions, source.interaction_path)
+    if source.items is None:
+        warnings.append(NO_CATALOG)
+    elif len(items) and (items["text"] == "").all():
+        warnings.append("every item text is empty: the catalog has no title, text or categories values "
+                        "(name its columns with columns.title / columns.text / columns.categories), so text "
+                        "models cannot learn")
     if not test_rows:
         raise DataError("the split leaves no test users (each needs a history and a later interaction); "
                         "check the timestamps or split.test_fraction")
@@ -185,5 +195,5 @@ def build(source: SourceData, cfg: PrepareConfig) -> Dataset:
     if warnings:
         notes["warnings"] = warnings
     if source.items is None:
-        notes["no_catalog"] = "no item catalog was given: item text is empty, so only ID models can learn"
+        notes["no_catalog"] = NO_CATALOG
     return Dataset(users, items, train, val, test, int(len(frame) - removed), steps, notes)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distrec.data.config import PrepareConfig
-from distrec.data.rows import BadRows, DataError, Records, RowCounts, file_info, require_file
+from distrec.data.rows import BadRows, DataError, Records, RowCounts, compression, file_info, require_file
 from distrec.data.tables import InteractionRows, ItemRows, SourceData, pick_column
 
 RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -208,11 +208,18 @@ def read_p5(cfg: PrepareConfig) -> SourceData:
 
 # --- Tables: CSV / TSV / Parquet / JSONL ----------------------------------------------
 
+COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz")
+SEPARATORS = (";", "\t", "|", ",")  # what a one-column header may really be split by
+
+
 def _table_format(ctx: _Context, path: Path) -> str:
     kind = ctx.cfg.columns.format
     if kind == "auto":
+        suffixes = [s.lower() for s in path.suffixes]
+        while suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:  # log.csv.gz: a compressed csv
+            suffixes.pop()
         kind = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet", ".pq": "parquet",
-                ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(path.suffix.lower())
+                ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(suffixes[-1] if suffixes else "")
         if kind is None:
             raise DataError(f"{path}: cannot tell the format from the extension; set columns.format=csv|tsv|parquet|jsonl")
     return kind
@@ -225,6 +232,10 @@ def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
     encoding = ctx.cfg.encoding or "utf-8"
     if kind == "parquet":
         ctx.files.append(file_info(require_file(path, "table")))
+        packed = compression(path)
+        if packed:
+            raise DataError(f"{path}: is {packed}-compressed; Parquet compresses inside the file already: "
+                            "decompress it and pass the .parquet file")
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for corrupt files
@@ -247,14 +258,27 @@ def _table_rows(ctx: _Context, path: Path, counts: RowCounts):
                 continue
             yield line, row
     else:
-        records = ctx.records(path, "," if kind == "csv" else "\t", encoding, "table", counts=counts)
+        separator = ctx.cfg.columns.separator or ("," if kind == "csv" else "\t")
+        records = ctx.records(path, separator, encoding, "table", counts=counts)
         for line, fields in records:
             if records.header is None:
                 records.header = [f.strip() for f in fields]
+                if len(records.header) == 1:
+                    _separator_hint(path, line, records.header[0], separator)
                 if len(set(records.header)) != len(records.header):
                     raise DataError(f"{path}:{line}: the header names a column twice: {', '.join(records.header)}")
                 continue
             yield line, dict(zip(records.header, fields))
+
+
+def _separator_hint(path: Path, line: int, header: str, separator: str) -> None:
+    """A table needs a user and an item column: a header read as one column that holds another
+    separator is a file split by that separator."""
+    for other in SEPARATORS:
+        if other != separator and other in header:
+            shown = "\\t" if other == "\t" else other
+            raise DataError(f"{path}:{line}: the header is one column {header!r}; the file looks separated by "
+                            f"{other!r}, not {separator!r}: set the separator, e.g. columns.separator='{shown}'")
 
 
 def _columns(row: dict, path: Path, specs) -> list[str | None]:

@@ -115,13 +115,25 @@ class EpochPlan:
         return self.order[start:start + split[rank]]
 
 
+def missing_shard(path: Path) -> str:
+    """The message for a shard the manifest lists but the disk lacks."""
+    return (f"{path}: missing; the manifest lists it, so the dataset {path.parent} is incomplete: prepare it again "
+            f"or restore the file (distrec prepare --verify {path.parent} checks every shard)")
+
+
 def _read_shard(path: Path, expected_sha: str | None) -> list[tuple[str, bytes]]:
     """All (key, json bytes) of one shard, in file order, after an optional checksum check.
 
     Read with tarfile rather than a webdataset pipeline: the plan needs samples by position
     inside a shard, and webdataset's iterators only stream.
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(missing_shard(path)) from None
+    except OSError as e:  # unreadable input: a DataError, not the CLI's "while writing" message
+        raise DataError(f"{path}: cannot read the shard ({e.strerror or e}); check its permissions, or prepare "
+                        "the dataset again") from None
     if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
         raise DataError(f"{path}: checksum does not match the manifest (the shard is corrupt or was changed); "
                         "re-run distrec prepare")
@@ -157,7 +169,7 @@ def verify_dataset(data_dir: str | Path) -> dict:
     for info in shards:
         path = data_dir / info["path"]
         if not path.is_file():
-            raise DataError(f"{path}: listed in the manifest but missing")
+            raise DataError(missing_shard(path))
         raw = _read_shard(path, info["sha256"])
         if len(raw) != info["samples"]:
             raise DataError(f"{path}: holds {len(raw)} samples, the manifest says {info['samples']}")
@@ -193,8 +205,15 @@ class ShardedSamples(IterableDataset):
     def __init__(self, data_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, max_history: int = 0, verify: bool = True):
         self.data_dir = Path(data_dir)
-        manifest = json.loads((self.data_dir / "manifest.json").read_text())
-        self.shards = manifest["shards"]
+        try:
+            manifest = json.loads((self.data_dir / "manifest.json").read_text())
+            self.shards = manifest["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.data_dir / 'manifest.json'}: not a readable distrec manifest ({e}); "
+                            "run distrec prepare") from None
+        for info in self.shards:  # a lost shard is named before any step, not half-way through an epoch
+            if not (self.data_dir / info["path"]).is_file():
+                raise DataError(missing_shard(self.data_dir / info["path"]))
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.max_history, self.verify = seed, shuffle, max_history, verify
         self.epoch, self.start_step = 0, 0

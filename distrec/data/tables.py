@@ -48,6 +48,12 @@ def parse_categories(value, separator: str = "auto") -> list[str]:
 
 def parse_time(text) -> float:
     """Seconds since the epoch from a number or an ISO 8601 date; ValueError otherwise."""
+    return parse_time_kind(text)[0]
+
+
+def parse_time_kind(text) -> tuple[float, bool]:
+    """(`parse_time(text)`, whether the value was a number rather than a date)."""
+    numeric = True
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
@@ -55,13 +61,61 @@ def parse_time(text) -> float:
         try:
             value = float(text)
         except ValueError:
+            numeric = False
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=timezone.utc)
             value = moment.timestamp()
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not finite")
-    return value
+    return value, numeric
+
+
+EPOCH_START = datetime(1990, 1, 1, tzinfo=timezone.utc).timestamp()
+EPOCH_UNITS = (("seconds", 1.0), ("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9))
+SHOWN = 2  # examples quoted in a warning
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def timestamp_warnings(frame: pd.DataFrame, path: str, now: float | None = None) -> list[str]:
+    """Warnings about numeric epoch times: units mixed (seconds and milliseconds: the time
+    order across them is wrong) or values before 1990 / after a year from now (placeholders
+    such as 0, or a wrong unit). A column that is not epoch times (positions 1, 2, 3 ...:
+    fewer than half the values plausible in any unit) is an order only and is not judged."""
+    if "numeric_time" not in frame or not len(frame):
+        return []
+    numeric = frame["numeric_time"].to_numpy(dtype=bool)
+    times, lines = frame["timestamp"].to_numpy()[numeric], frame["line"].to_numpy()[numeric]
+    if not len(times):
+        return []
+    end = (now if now is not None else datetime.now(timezone.utc).timestamp()) + 365 * 86400
+    unit = np.full(len(times), -1)
+    for code, (_, scale) in enumerate(EPOCH_UNITS):
+        unit[(unit < 0) & (times >= EPOCH_START * scale) & (times <= end * scale)] = code
+    if (unit >= 0).mean() < 0.5:
+        return []
+    where = lambda mask: ", ".join(f"line {line}: {_number(t)}"  # noqa: E731
+                                   for t, line in zip(times[mask][:SHOWN], lines[mask][:SHOWN]))
+    warnings = []
+    counts = np.bincount(unit[unit >= 0], minlength=len(EPOCH_UNITS))
+    used = [code for code in np.argsort(-counts, kind="stable") if counts[code]]
+    main = int(used[0])
+    if len(used) > 1:
+        parts = [f"{counts[c]:,} {'look like' if n == 0 else 'like'} {EPOCH_UNITS[c][0]} (e.g. {where(unit == c)})"
+                 for n, c in enumerate(used)]
+        warnings.append(f"{path}: timestamps mix units: {'; '.join(parts)}; their time order is wrong across units: "
+                        "convert the column to one unit")
+    absurd = unit < 0
+    if absurd.any():
+        first, last = datetime.fromtimestamp(EPOCH_START, timezone.utc), datetime.fromtimestamp(end, timezone.utc)
+        warnings.append(f"{path}: {int(absurd.sum()):,} timestamps are before {first:%Y-%m-%d} or after "
+                        f"{last:%Y-%m-%d} "
+                        f"read as {EPOCH_UNITS[main][0]} since 1970 (e.g. {where(absurd)}): placeholders or a "
+                        "wrong unit? They still order those interactions; fix or drop them")
+    return warnings
 
 
 def id_text(value) -> str:
@@ -90,6 +144,7 @@ class InteractionRows:
         self.event: list[str | None] = []
         self.weight: list[float] = []
         self.line: list[int] = []  # for messages about rows rejected after reading
+        self.numeric_time: list[bool] = []  # the time was a number (epoch), not a date
         self.path: str = ""
 
     def add(self, path, line, user, item, timestamp=None, rating=None, event=None, weight=None) -> None:
@@ -101,7 +156,7 @@ class InteractionRows:
                             f"empty or invalid {which} id (expected a non-empty {which} id on one line)")
             return
         try:
-            ts = math.nan if timestamp is None else parse_time(timestamp)
+            ts, numeric = (math.nan, False) if timestamp is None else parse_time_kind(timestamp)
         except (ValueError, TypeError, OverflowError):
             self.bad.reject(path, line, "bad_timestamp", f"timestamp {timestamp!r} is not a number or ISO date")
             return
@@ -122,6 +177,7 @@ class InteractionRows:
         self.weight.append(numbers[2])
         self.event.append(None if event is None else str(event))
         self.line.append(line)
+        self.numeric_time.append(numeric)
         self.path = str(path)
 
     def frame(self) -> pd.DataFrame:
@@ -133,6 +189,7 @@ class InteractionRows:
             "event": pd.Series(self.event, dtype=object),
             "weight": np.asarray(self.weight, dtype=np.float64),
             "line": np.asarray(self.line, dtype=np.int64),
+            "numeric_time": np.asarray(self.numeric_time, dtype=bool),
         })
 
 

@@ -19,7 +19,7 @@ BAD_ROWS = [
     ("nan_time", b"u3\ta\t5\tnan\n", "toy.inter:7: timestamp 'nan' is not a number or ISO date", "bad_timestamp"),
     ("inf_rating", b"u3\ta\tinf\t4\n", "toy.inter:7: rating 'inf' is not a finite number", "bad_rating"),
     ("empty_user", b"\ta\t5\t4\n", "toy.inter:7: empty or invalid user id", "bad_user_id"),
-    ("bad_utf8", b"u3\t\xff\xfe\t5\t4\n", "toy.inter:7: the line is not valid utf-8", "bad_encoding"),
+    ("bad_utf8", b"u3\t\xff\xfe\t5\t4\n", "toy.inter:7: not UTF-8 (byte 0xff at column 4); if the file is Latin-1, set encoding=latin-1", "bad_encoding"),
     ("unknown_item", b"u3\tzz\t5\t4\n", "toy.inter:7: item 'zz' is not in the item catalog", "item_not_in_catalog"),
 ]
 
@@ -115,7 +115,7 @@ def test_existing_output_is_kept_unless_overwrite(cli, tmp_path):
     out = tmp_path / "o"
     assert cli("prepare", "--source", "synthetic", "--out", out, "synthetic.num_users=50")[0] == 0
     code, err = cli("prepare", "--source", "synthetic", "--out", out)
-    assert code == 2 and "already exists; pass --overwrite" in err
+    assert code == 2 and "already holds a distrec prepare output; pass --overwrite to replace it" in err
 
 
 # --- cases found by review: each once produced a traceback or lost a row silently ----
@@ -213,7 +213,7 @@ def test_bad_output_paths_and_config_bytes(cli, tmp_path):
         assert code == 2 and str(tmp_path / "afile") in err and "Traceback" not in err
     assert (tmp_path / "afile").read_text() == "x"
     code, err = cli("prepare", "--source", "synthetic", "--out", ".", "--overwrite")
-    assert code == 2 and "refusing to replace the current directory" in err
+    assert code == 2 and "is the current directory or one above it" in err
     write(tmp_path / "bad.yaml", b"source: \xff\n")
     code, err = cli("prepare", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "o")
     assert code == 2 and "not valid UTF-8 YAML" in err

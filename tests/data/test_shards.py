@@ -176,7 +176,7 @@ def test_prepare_verify_names_the_shard_and_the_sample(dataset, tmp_path, capsys
 
     copy = broken("missing_shard")
     (copy / "train-00005.tar").unlink()
-    check(copy, r"train-00005.tar: listed in the manifest but missing")
+    check(copy, r"train-00005.tar: missing; the manifest lists it, so the dataset .* is incomplete")
 
     copy = broken("missing_table")
     (copy / "test.parquet").unlink()
