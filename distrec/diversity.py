@@ -12,7 +12,8 @@ policy against a slow per-user reference on random cases (same picks, same order
 Greedy ties go to the lower position (the better-ranked candidate).
 
 A relevance of -inf marks padding, not a candidate (a user whose history leaves fewer than
-N unseen items): every policy picks padding only once nothing else is left, by position.
+N unseen items): every policy picks padding only once nothing else is left, by position,
+and the scoring job drops it (a user's list is then shorter than k: seen items are never shown).
 """
 
 from __future__ import annotations
@@ -204,20 +205,29 @@ def calibrated(relevance: torch.Tensor, categories: torch.Tensor, profile: torch
 
 
 def exposure_capped(relevance: torch.Tensor, items: torch.Tensor, k: int, capacity: int,
-                    shown: torch.Tensor) -> torch.Tensor:
-    """A catalog-level constraint across users: no item in more than `capacity` lists.
-    Users are served in batch order; each gets its k most relevant candidates among the
-    items still under capacity (then, if too few remain, the most relevant regardless).
-    `shown` (num_items,) long holds exposure counts so far and is updated in place."""
+                    shown: torch.Tensor, filled: torch.Tensor | None = None) -> torch.Tensor:
+    """A catalog-level constraint across users: no item in more than `capacity` lists, as far
+    as the candidates allow. Users are served in batch order; each gets its k most relevant
+    candidates among the items still under capacity. A user with fewer than k of those gets
+    the most relevant candidates at or over capacity next (the fill: the list is not made
+    shorter for the cap), padding (-inf) last. `shown` (num_items,) long holds exposure
+    counts so far and is updated in place by the real picks (padding is never shown).
+    `filled` (B,) bool, if given, is set in place: whether the user's list took an item
+    that was at or over capacity (the users the cap could not be kept for)."""
     batch, n = relevance.shape
     picks = torch.empty(batch, min(k, n), dtype=torch.long, device=relevance.device)
     order = top_k(relevance, n)
     for b in range(batch):
         ranked = order[b]
-        full = (shown[items[b, ranked]] >= capacity) | torch.isneginf(relevance[b, ranked])
-        chosen = torch.cat([ranked[~full], ranked[full]])[: picks.shape[1]]
+        padding = torch.isneginf(relevance[b, ranked])
+        over = (shown[items[b, ranked]] >= capacity) & ~padding
+        free = ~(over | padding)
+        chosen = torch.cat([ranked[free], ranked[over], ranked[padding]])[: picks.shape[1]]
         picks[b] = chosen
-        shown[items[b, chosen]] += 1
+        real = chosen[~torch.isneginf(relevance[b, chosen])]
+        if filled is not None:
+            filled[b] = bool((shown[items[b, real]] >= capacity).any())
+        shown[items[b, real]] += 1
     return picks
 
 

@@ -257,3 +257,25 @@ def test_exposure_cap_prefers_full_items_to_padding():
     shown = torch.tensor([0, 0, 5, 5])
     picks = diversity.exposure_capped(relevance, items, 4, 5, shown)
     assert picks[0].tolist() == [0, 2, 3, 1]
+
+
+def test_exposure_cap_counts_only_what_is_shown_and_says_who_was_filled_over_it():
+    """Padding (-inf: a seen item) is never shown, so it takes none of an item's capacity;
+    `filled` marks the users whose list had to take an item at or over the cap."""
+    relevance = torch.tensor([[3.0, float("-inf"), 2.0, 1.0],
+                              [1.0, 2.0, float("-inf"), float("-inf")],
+                              [5.0, 4.0, 3.0, 2.0]])
+    items = torch.tensor([[0, 1, 2, 3], [0, 3, 1, 2], [0, 1, 2, 3]])
+    shown = torch.tensor([0, 0, 1, 0])
+    filled = torch.zeros(3, dtype=torch.bool)
+    picks = diversity.exposure_capped(relevance, items, 3, 1, shown, filled)
+    # user 0: items 0 and 3 are free, item 2 full; the padded item 1 is left out of the counts
+    # user 1: items 3 and 0 are full now, so it is filled over the cap; its padding stays last
+    # user 2: only item 1 is free (it was padding so far), then the most relevant full ones
+    assert picks.tolist() == [[0, 3, 2], [1, 0, 2], [1, 0, 2]]
+    assert shown.tolist() == [3, 1, 3, 2]
+    assert filled.tolist() == [True, True, True]
+    shown = torch.zeros(4, dtype=torch.long)
+    filled = torch.ones(1, dtype=torch.bool)
+    diversity.exposure_capped(relevance[:1], items[:1], 2, 1, shown, filled)
+    assert not filled.item() and shown.tolist() == [1, 0, 1, 0]

@@ -15,9 +15,14 @@ class PolicyConfig:
     name: Literal["none", "mmr", "dpp", "category_cap", "calibration", "exposure"] = doc(
         "re-ranking policy over each user's candidates", default="none")
     strength: float = doc(
-        "mmr: diversity weight in [0, 1]; dpp: relevance trade-off in [0, 1); calibration: weight in [0, 1]; "
-        "category_cap: most items of one category per list (>= 1); exposure: largest share of users one "
-        "item may reach, in (0, 1]", default=0.5)
+        "by policy - none: ignored; mmr: diversity weight in [0, 1] (0 = plain relevance); dpp: relevance "
+        "trade-off in [0, 1) (0 = pure diversity, towards 1 relevance dominates); calibration: weight in [0, 1] "
+        "(0 = plain relevance); category_cap: most items of one category per list, a whole number >= 1; "
+        "exposure: largest share of the job's users one item may reach, in (0, 1]: a cap of "
+        "ceil(strength x users) lists per item across the whole job (one actor scores it; a resumed job counts "
+        "the parts already written); a user with too few candidates under the cap gets the most relevant "
+        "over-cap ones to fill the list, and summary.json reports the share reached (exposure.max_item_share) "
+        "and those users (exposure.users_filled_over_cap)", default=0.5)
     window: int = doc("dpp: sliding window (0 = the whole list)", default=0)
 
     def __post_init__(self):
@@ -41,11 +46,13 @@ class ScoreConfig:
         "whose lists: 'test' (test users, history = train + validation), 'val', or 'all' (every user, "
         "whole history: the nightly production run)", default="test")
     candidates: int = doc("top-N candidates per user from the full catalog, before re-ranking", default=200)
-    k: int = doc("items per final list", default=20)
+    k: int = doc("items per final list; shorter for a user with fewer unseen items (seen items are never "
+                 "recommended; summary.json counts them as short_lists)", default=20)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     batch_size: int = doc("users per block (one Parquet part each)", default=1024)
     actors: int = doc("scoring actors (0 = one per node, each with the node's CPUs as threads; "
-                      "at most the number of blocks)", default=0)
+                      "at most the number of blocks; policy exposure: always one, so its cap holds across the job)",
+                      default=0)
     category_level: int = doc("which entry of an item's category list is its category (-1 = the most specific)", default=-1)
     faiss: bool = doc("top-N with FAISS IndexFlatIP instead of the blocked matrix product", default=False)
     precision: Literal["auto", "fp32", "bf16"] = doc(
@@ -56,8 +63,11 @@ class ScoreConfig:
     device: Literal["auto", "cpu", "cuda"] = doc(
         "where the actors score: 'auto' = one actor per GPU when the Ray cluster has GPUs (user tower and "
         "product on it), else the CPUs; 'cpu'; 'cuda' (an error if the cluster has no GPUs)", default="auto")
-    overwrite: bool = doc("replace an output directory written by a different job", default=False)
-    progress: bool = doc("show progress", default=True)
+    overwrite: bool = doc(
+        "replace an output directory written by a different scoring job (another checkpoint, dataset or "
+        "config): its parts, summary and job files only, never other files", default=False)
+    progress: bool = doc("one progress bar over the blocks on a terminal (Ray's own logs and bars: "
+                         "--verbose, or DISTREC_VERBOSE=1)", default=True)
 
     def __post_init__(self):
         if self.k < 1 or self.candidates < self.k:

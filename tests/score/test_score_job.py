@@ -33,6 +33,22 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def retrained(trained):
+    """The same dataset trained again with another model.dim, in another run folder."""
+    assert main(["train", "--no-progress", f"data.dir={trained / 'data'}", f"run.dir={trained / 'run_dim8'}",
+                 "trackers=[]", "model.item_repr=id", "model.dim=8", "model.max_len=12", "train.epochs=1"]) == 0
+    return trained / "run_dim8"
+
+
+def _snapshot(directory) -> dict:
+    """{relative path: bytes} of every file under `directory`."""
+    from pathlib import Path
+
+    root = Path(directory)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def _score(trained, out, *overrides):
     return main(["score", "--run", str(trained / "run"), "--data", str(trained / "data"), "--out", str(out),
                  "batch_size=64", "k=10", "candidates=40", *overrides])
@@ -107,8 +123,16 @@ def test_bad_input_fails_before_any_work(cli, trained, tmp_path):
     assert code == 2 and "policy.name: expected one of" in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("x")
-    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "other")
-    assert code == 2 and "not a distrec score output" in err
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "other",
+                    "--overwrite")
+    assert code == 2 and "not written by distrec" in err and "choose another output directory" in err
+    assert _snapshot(tmp_path / "other") == {"file.txt": b"x"}
+    # the dataset or the run as --out: refused, whatever --overwrite says, nothing written
+    data_before, run_before = _snapshot(trained / "data"), _snapshot(trained / "run")
+    for out in (trained / "data", trained / "run", trained):
+        code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", out, "--overwrite")
+        assert code == 2 and "never" in err and "input" in err, err
+    assert _snapshot(trained / "data") == data_before and _snapshot(trained / "run") == run_before
     # a dataset without the users' histories: one line on the driver, before Ray starts
     import shutil
 
@@ -175,7 +199,11 @@ def test_full_disk_inside_an_actor_is_one_clear_line_and_a_rerun_completes(train
     assert len(errors) == 1 and "No space left on device" in errors[0] and str(out) in errors[0]
     assert "Traceback" not in failed.stderr
     assert not list(out.glob("part-*")) and not list(out.glob(".part-*"))
-    assert subprocess.run(args, capture_output=True).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "DISTREC_VERBOSE"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert done.returncode == 0
+    # quiet by default: no Ray INFO lines, progress logging or core-worker lines, only the result
+    assert done.stderr.splitlines() == [line for line in done.stderr.splitlines() if line.startswith("scored 300 users")]
     recs = read_recommendations(out)
     assert len(recs) == 300 * 20 and recs.groupby("user_id").size().eq(20).all()
 
@@ -219,3 +247,186 @@ def test_device_cuda_without_a_gpu_is_one_clear_line(cli, trained, tmp_path):
     code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", tmp_path / "o",
                     "device=cuda")
     assert code == 2 and "device=cuda: this machine has no CUDA GPU" in err
+
+
+# -- what a job is, and when a part is done (issue 14) ------------------------------------
+
+def _copy_run(source, target):
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    return target
+
+
+def _part_jobs(out) -> set:
+    import pyarrow.parquet as pq
+
+    return {json.loads(pq.read_metadata(p).metadata[b"distrec"])["job"] for p in out.glob("part-*.parquet")}
+
+
+def test_a_retrained_run_is_another_job_refused_until_overwrite_which_removes_only_its_files(cli, trained, retrained,
+                                                                                             tmp_path):
+    """The run folder retrained (model.dim 16 -> 8) after a job was killed half-way: the re-run
+    used to keep the old model's parts and score the rest with the new one, exit 0."""
+    run = _copy_run(trained / "run", tmp_path / "run")
+    out = tmp_path / "recs"
+    args = ("score", "--run", run, "--data", trained / "data", "--out", out, "batch_size=64", "k=10", "candidates=40")
+    assert cli(*args)[0] == 0
+    job = json.loads((out / "job.json").read_text())
+    assert set(job["inputs"]) >= {"run", "data", "checkpoint_sha256", "dataset_manifest_sha256", "dataset_format"}
+    assert job["inputs"]["dataset_format"].startswith("distrec-prepared") and job["config"]["k"] == 10
+    for block in (3, 4):  # the job was killed before these blocks
+        (out / f"part-{block:05d}.parquet").unlink()
+    (out / "notes.txt").write_text("mine")  # a file of the user's
+    before = _snapshot(out)
+    _copy_run(retrained, run)  # retrained in place
+    code, err = cli(*args)
+    assert code == 2 and "different scoring job" in err and "checkpoint" in err and "--overwrite" in err
+    assert _snapshot(out) == before  # nothing written, nothing removed
+    code, err = cli(*args, "--overwrite")
+    assert code == 0, err
+    new_job = json.loads((out / "job.json").read_text())
+    assert new_job["job"] != job["job"] and new_job["inputs"]["checkpoint_sha256"] != job["inputs"]["checkpoint_sha256"]
+    assert _part_jobs(out) == {new_job["job"]} and len(list(out.glob("part-*.parquet"))) == 5
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(read_recommendations(out)) == 300 * 10
+
+
+def test_a_changed_dataset_or_setting_is_another_job(cli, trained, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    out = tmp_path / "recs"
+    args = ("score", "--run", trained / "run", "--data", data, "--out", out, "batch_size=64", "k=10", "candidates=40")
+    assert cli(*args)[0] == 0
+    before = _snapshot(out)
+    raw = (data / "manifest.json").read_bytes()  # prepared again: another manifest
+    manifest = json.loads(raw)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "notes": {**manifest["notes"], "x": 1}}))
+    code, err = cli(*args)
+    assert code == 2 and "different scoring job" in err and "dataset" in err
+    (data / "manifest.json").write_bytes(raw)
+    assert _snapshot(out) == before
+    code, err = cli(*args[:-1], "candidates=30")
+    assert code == 2 and "different scoring job" in err and "candidates 40 -> 30" in err
+    assert _snapshot(out) == before
+    # the same job again: resumed, nothing scored twice
+    code, err = cli(*args)
+    assert code == 0 and json.loads((out / "summary.json").read_text())["blocks_skipped"] == 5
+
+
+def test_a_truncated_or_foreign_part_is_scored_again(cli, trained, tmp_path):
+    out = tmp_path / "recs"
+    args = ("score", "--run", trained / "run", "--data", trained / "data", "--out", out, "batch_size=64", "k=10",
+            "candidates=40")
+    assert cli(*args)[0] == 0
+    whole = read_recommendations(out).sort_values(["user_id", "rank"], ignore_index=True)
+    part = lambda b: out / f"part-{b:05d}.parquet"  # noqa: E731
+    part(1).write_bytes(part(1).read_bytes()[:-100])  # truncated: the footer is gone
+    part(2).write_bytes(part(0).read_bytes())  # block 0's part under block 2's name
+    table = pd.read_parquet(part(3))
+    table.iloc[:50].to_parquet(part(3))  # a readable part without the job's record
+    code, err = cli(*args)
+    assert code == 0, err
+    assert "3 part(s)" in err and "scored again" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parts_redone"] == 3 and summary["blocks_skipped"] == 2 and summary["users_scored"] == 3 * 64
+    again = read_recommendations(out).sort_values(["user_id", "rank"], ignore_index=True)
+    pd.testing.assert_frame_equal(again, whole)
+
+
+def _brute_force_lists(trained, histories):
+    """Each user's unseen items by descending dot product, from the model alone."""
+    from distrec.data.shards import left_pad
+    from distrec.models.run import load_model
+
+    items = pd.read_parquet(trained / "data" / "items.parquet")
+    model = load_model(trained / "run" / "best", items, trained / "run" / "tokenizer").eval()
+    with torch.no_grad():
+        table = model.item_table().float()
+        scores = model.user_vectors(left_pad(histories, 0), table).float() @ table.T
+    lists = []
+    for row, history in enumerate(histories):
+        unseen = sorted(set(range(len(items))) - set(int(i) for i in history), key=lambda i: -scores[row, i].item())
+        lists.append([(items["item_id"][i], scores[row, i].item()) for i in unseen])
+    return lists
+
+
+def test_k_beyond_the_unseen_items_gives_shorter_lists_without_seen_items(cli, trained, tmp_path):
+    """k = candidates = the catalog (120): every user has fewer unseen items than k. Their seen
+    items used to fill the lists (with -inf relevance); now the lists are exactly the
+    unseen items, best first, as brute force over the model's scores says."""
+    out = tmp_path / "recs"
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", out, "batch_size=64",
+                    "k=120", "candidates=120")
+    assert code == 0, err
+    recs = read_recommendations(out)
+    test = pd.read_parquet(trained / "data" / "test.parquet")
+    users = pd.read_parquet(trained / "data" / "users.parquet")
+    reference = _brute_force_lists(trained, list(test["history"]))
+    assert torch.isfinite(torch.tensor(recs["relevance"].to_numpy())).all()
+    by_user = dict(list(recs.sort_values("rank").groupby("user_id")))
+    for row, user in enumerate(users["user_id"][test["user"]]):
+        got = by_user[user]
+        expected = reference[row]
+        assert got["rank"].tolist() == list(range(1, len(expected) + 1))
+        assert sorted(got["item_id"]) == sorted(i for i, _ in expected)  # every unseen item, no seen one
+        score_of = dict(expected)
+        assert got["relevance"].to_numpy() == pytest.approx([score_of[i] for i in got["item_id"]], rel=1e-4, abs=1e-4)
+        assert (got["relevance"].diff().dropna() <= 1e-5).all()  # best first
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["short_lists"] == 300 and summary["rows"] == len(recs) == sum(len(r) for r in reference)
+    assert "fewer than k=120" in err
+
+
+def _item_counts(out):
+    return read_recommendations(out)["item_id"].value_counts()
+
+
+def test_exposure_with_an_impossible_cap_reports_the_share_reached(cli, trained, tmp_path):
+    """A 1% cap (3 lists per item) for 300 users x 10 items cannot be kept: the lists are
+    filled over it, and summary.json says by how much."""
+    out = tmp_path / "recs"
+    code, err = cli("score", "--run", trained / "run", "--data", trained / "data", "--out", out, "batch_size=64",
+                    "k=10", "candidates=40", "actors=2", "policy.name=exposure", "policy.strength=0.01")
+    assert code == 0, err
+    exposure = json.loads((out / "summary.json").read_text())["exposure"]
+    counts = _item_counts(out)
+    assert exposure["cap_per_item"] == 3
+    assert exposure["max_item_share"] == pytest.approx(counts.max() / 300, abs=1e-6) and counts.max() > 3
+    assert exposure["items_over_cap"] == int((counts > 3).sum()) > 0
+    assert 0 < exposure["users_filled_over_cap"] <= 300
+    assert "could not be kept" in err and "users had too few candidates" in err
+
+
+def test_exposure_cap_holds_across_a_resumed_job(cli, trained, tmp_path):
+    """Cap 90 lists per item (strength 0.3): kept by the whole job, and still kept after a
+    re-run that scores 3 of the 5 blocks again (it used to count from zero)."""
+    out = tmp_path / "recs"
+    args = ("score", "--run", trained / "run", "--data", trained / "data", "--out", out, "batch_size=64", "k=10",
+            "candidates=40", "policy.name=exposure", "policy.strength=0.3")
+    assert cli(*args)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exposure"]["users_filled_over_cap"] == 0 and _item_counts(out).max() <= 90
+    for block in (0, 1, 2):
+        (out / f"part-{block:05d}.parquet").unlink()
+    assert cli(*args)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["blocks_skipped"] == 2 and len(read_recommendations(out)) == 3000
+    counts = _item_counts(out)
+    assert counts.max() <= 90 and summary["exposure"]["max_item_lists"] == counts.max()
+    assert summary["exposure"]["items_over_cap"] == 0 and summary["exposure"]["users_filled_over_cap"] == 0
+
+
+def test_help_config_states_every_policy_strength_range_and_the_exposure_guarantee(capsys):
+    assert main(["score", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    line = next(line for line in text.splitlines() if line.startswith("policy.strength"))
+    for said in ("none: ignored", "mmr: diversity weight in [0, 1]", "dpp: relevance trade-off in [0, 1)",
+                 "calibration: weight in [0, 1]", "category_cap: most items of one category per list, a whole number",
+                 "exposure: largest share of the job's users one item may reach, in (0, 1]",
+                 "ceil(strength x users) lists per item across the whole job", "exposure.max_item_share"):
+        assert said in line, said
