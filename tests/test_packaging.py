@@ -42,6 +42,29 @@ def test_gpu_image_builds_deepspeed_ops_for_named_architectures():
     assert "TORCH_CUDA_ARCH_LIST" in text and "DS_BUILD_" in text and "deepspeed" in text
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_images_user_owns_its_working_directory(dockerfile):
+    """WORKDIR creates a missing directory as root: uid 1000 then could not make its venv there."""
+    text = dockerfile.read_text()
+    workdir = re.search(r"^WORKDIR\s+(\S+)", text, flags=re.M)
+    before = text[:workdir.start()]
+    assert re.search(rf"mkdir -p {re.escape(workdir.group(1))} && chown distrec:distrec {re.escape(workdir.group(1))}",
+                     before), "the working directory must exist, owned by the image's user, before WORKDIR"
+
+
+def test_images_take_the_right_torch_and_build_deepspeed_against_it():
+    cpu = (REPO / "docker" / "Dockerfile.cpu").read_text()
+    assert "+cpu" in cpu and "download.pytorch.org/whl/cpu" in cpu  # PyPI's Linux torch is the CUDA build
+    gpu = (REPO / "docker" / "Dockerfile.gpu").read_text()
+    assert "--no-build-isolation" in gpu and "DS_ACCELERATOR=cuda" in gpu  # an sdist whose build imports torch
+
+
+def test_ray_cluster_head_binds_a_reachable_address_and_workers_need_the_token():
+    script = (REPO / "launch" / "ray_cluster.sh").read_text()
+    assert "NODE_IP:-127.0.0.1" not in script and "hostname -I" in script
+    assert "auth_token" in script and "RAY_AUTH_TOKEN" in script
+
+
 def test_build_context_leaves_out_data_runs_and_environments():
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv", ".git", "data", "runs", "out"):
@@ -61,7 +84,12 @@ def test_cluster_launchers_run_the_image_with_the_dashboard_on_localhost():
     import yaml
 
     cluster = yaml.safe_load((REPO / "launch" / "ray_cluster.yaml").read_text())
-    assert cluster["docker"]["image"].startswith("distrec:gpu")
+    image = cluster["docker"]["image"]
+    # pulled on every node: a bare name would be looked up on Docker Hub (docker.io/library/distrec)
+    assert "/" in image.split(":")[0] and image.endswith("distrec:gpu"), image
+    # one shared file system on every node, not a per-node rsync copy (checkpoints would diverge)
+    assert "/shared" not in (cluster.get("file_mounts") or {})
+    assert any("-v /shared:/shared" in o for o in cluster["docker"]["run_options"])
     head = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=disabled" not in head
     docker = (REPO / "launch" / "multinode_docker.sh").read_text()
