@@ -10,7 +10,7 @@ set -euo pipefail
 : "${NUM_NODES:?}" "${NODE_RANK:?}" "${HEAD_IP:?}"
 train_yaml=$1; shift
 cd "$(dirname "$0")/.."
-gpus=$(nvidia-smi -L | wc -l)
+gpus=$(.venv/bin/python -c "import torch; print(torch.cuda.device_count())")  # CUDA_VISIBLE_DEVICES honoured, MIG lines not counted
 export DISTREC_EXPECT_WORLD_SIZE=$((NUM_NODES * gpus))
 exec .venv/bin/accelerate launch --config_file configs/accelerate/multinode_zero2.yaml \
   --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * gpus)) --machine_rank "$NODE_RANK" \

@@ -100,8 +100,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(record: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        # every rank reports the same number of times; each uploads its own files of last/ (ZeRO shards)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(run_dir / "last")))
+        # every rank reports, the same number of times; only rank 0 names the checkpoint: last/ is
+        # on the shared file system with every rank's ZeRO shards in it, and a checkpoint from
+        # each rank made Ray persist world-size copies of the whole directory per validation
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(run_dir / "last")) if rank == 0 else None)
 
     plugin = None
     if config["deepspeed_json"]:

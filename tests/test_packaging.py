@@ -95,3 +95,17 @@ def test_cluster_launchers_run_the_image_with_the_dashboard_on_localhost():
     docker = (REPO / "launch" / "multinode_docker.sh").read_text()
     assert '"$IMAGE"' in docker and "--gpus all" in docker and "accelerate launch" in docker
     assert "WANDB_API_KEY=" not in docker  # passed through by name, never a value
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "launch").glob("*.sh")), ids=lambda p: p.name)
+def test_gpus_are_counted_as_cuda_sees_them(script):
+    """`nvidia-smi -L | wc -l` counts MIG instances as extra lines and ignores CUDA_VISIBLE_DEVICES."""
+    assert "nvidia-smi -L" not in re.sub(r"#.*", "", script.read_text())
+
+
+def test_multinode_container_passes_the_nccl_network_settings_through():
+    docker = (REPO / "launch" / "multinode_docker.sh").read_text()
+    for name in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_DISABLE"):
+        assert f"-e {name}" in docker
+    assert "/dev/infiniband" in docker
+
