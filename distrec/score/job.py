@@ -121,7 +121,10 @@ class BlockScorer:
         # on a GPU actor (Ray sets CUDA_VISIBLE_DEVICES to its GPU) the user tower and the
         # product run there; re-ranking and the parts stay on the CPU with the lists
         self.device = torch.device(device)
-        self.model.to(self.device).eval()
+        # only the user tower: scoring reads the item vectors from the catalog table, so the
+        # backbone and its pooled cache (GBs for a large catalog and LM) stay off the GPU
+        self.model.eval()
+        getattr(self.model, "user_tower", self.model).to(self.device)
         self.device_table = self.table.to(self.device)
         self.faiss = FaissTopK(self.table) if self.cfg.faiss else None
         self.out = Path(self.cfg.out)
