@@ -124,9 +124,18 @@ def run_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one line per job, not per process
         return 0
     print(f"test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
-          f"(cold items: NDCG@10 {results['test_cold']['ndcg@10']:.4f}, {results['test_cold']['users']} users)  "
+          f"(cold items: NDCG@10 {_cold(results)})  "
           f"-> {cfg.run.dir}/results.json", file=sys.stderr)
     return 0
+
+
+def _cold(results: dict) -> str:
+    """The cold-item slice as users should read it: undefined without users, not 0.0000."""
+    cold = results["test_cold"]
+    value = cold.get("ndcg@10")
+    if not cold.get("users") or value is None:
+        return "n/a (0 users)"
+    return f"{value:.4f}, {cold['users']} users"
 
 
 def _score_parser(sub) -> None:
@@ -194,8 +203,10 @@ def run_evaluate(args) -> int:
     result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level, overwrite=args.overwrite)
     for warning in result.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
-    acc = result["accuracy"]
-    print(f"NDCG@10 {acc.get('ndcg@10', float('nan')):.4f}  HR@10 {acc.get('hr@10', float('nan')):.4f}  "
+    from distrec.report import main_k, number
+
+    acc, k = result["accuracy"], main_k(result["accuracy"])
+    print(f"NDCG@{k} {number(acc.get(f'ndcg@{k}'), result['users'])}  HR@{k} {number(acc.get(f'hr@{k}'), result['users'])}  "
           f"({result['users']:,} users) -> {args.out}/report.html", file=sys.stderr)
     return 0
 
@@ -219,7 +230,7 @@ def run_demo(args) -> int:
                                   "run": {"dir": str(out / "run"), "overwrite": True}})
     results = train(train_cfg)
     print(f"      test NDCG@10 {results['test']['ndcg@10']:.4f}  HR@10 {results['test']['hr@10']:.4f}; "
-          f"new (cold) items NDCG@10 {results['test_cold']['ndcg@10']:.4f}", file=sys.stderr)
+          f"new (cold) items NDCG@10 {_cold(results)}", file=sys.stderr)
     print(f"[3/4] score: every user x the whole catalog (Ray), MMR re-ranking -> {out / 'recs'}", file=sys.stderr)
     from distrec.score.config import ScoreConfig
     from distrec.score.job import score
@@ -232,8 +243,10 @@ def run_demo(args) -> int:
           file=sys.stderr)
     from distrec.evaluate import evaluate, sweep
 
-    sweep(out / "run", out / "data", out / "eval", candidates=100)
-    result = evaluate(out / "recs", out / "data", out / "eval", out / "run")
+    sweep(out / "run", out / "data", out / "eval", candidates=100, overwrite=True)
+    result = evaluate(out / "recs", out / "data", out / "eval", out / "run", keep_sweep=True)
+    for warning in result.get("warnings", []):
+        print(f"      warning: {warning}", file=sys.stderr)
     beyond = result["beyond@10"]
     print(f"      NDCG@10 {result['accuracy']['ndcg@10']:.4f}, ILD@10 {beyond['ild']:.3f}, "
           f"category coverage {beyond['category_coverage']:.3f}, Gini {beyond['gini']:.3f}", file=sys.stderr)

@@ -8,12 +8,16 @@ NDCG / HR / MRR at 5, 10, 20 over every test user (a user without a list is a mi
 Beyond accuracy over the lists at 10: intra-list diversity (item vectors when `--run` is
 given, and category Jaccard), category and catalog coverage, Gini of exposure, novelty,
 calibration KL, alpha-NDCG. Slices: cold-start targets, users by history length.
-Writes metrics.json, report.md, report.html and PNG plots.
+Writes metrics.json, report.md, report.html and PNG plots (distrec.report).
+
+What is scored is checked first (distrec.recs): lists made from another dataset, an
+unfinished job, a part twice, a corrupt part are refused in one line; an existing report
+is replaced only with --overwrite (distrec.outputs). Figures from few users come with
+their 95% interval and a warning; a slice without users is n/a (null), not 0.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
@@ -22,11 +26,15 @@ import pandas as pd
 import torch
 
 from distrec import metrics as M
-from distrec.atomic import savefig_atomic, write_atomic
+from distrec import report
+from distrec.atomic import write_atomic
 from distrec.config import ConfigError
+from distrec.outputs import MARKER, check_output, fingerprint_dir, fingerprint_file, mark_output
+from distrec.recs import read_recommendations
 
 KS = (5, 10, 20)
 LENGTH_BUCKETS = ((0, 5), (6, 20), (21, 10**9))
+FEW_USERS = 100  # below this many test users the report warns that its figures are noisy
 
 
 def target_ranks(recs: pd.DataFrame, test: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
@@ -41,7 +49,7 @@ def target_ranks(recs: pd.DataFrame, test: pd.DataFrame, users: pd.DataFrame, it
     hits = r.merge(test[["user", "target"]], left_on=["user", "item"], right_on=["user", "target"])
     ranks = pd.Series(np.inf, index=test["user"].to_numpy())
     ranks[hits["user"].to_numpy()] = hits["rank"].to_numpy()
-    return ranks.to_numpy()
+    return np.array(ranks.to_numpy(), dtype=np.float64)  # a writable copy (pandas' own array is read-only)
 
 
 def list_matrix(recs: pd.DataFrame, test: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, k: int) -> torch.Tensor:
@@ -98,19 +106,31 @@ def load_data(data_dir: Path, category_level: int = -1) -> dict:
 
 
 def evaluate_lists(recs: pd.DataFrame, data: dict, vectors: torch.Tensor | None = None, k: int = 10) -> dict:
+    """The metrics of `recs` (user_id, item_id, rank) on the test users of `data`; with
+    "warnings" (a list of lines) for what a reader must know to trust the figures."""
     test, users, items = data["test"], data["users"], data["items"]
     list_length = int(recs["rank"].max())
     ranks = torch.from_numpy(target_ranks(recs, test, users, items))
     ks = tuple(x for x in KS if x <= list_length) or (list_length,)  # beyond the list the ranking is unknown
     result = {"users": len(test), "users_with_lists": int(recs["user_id"].nunique()), "list_length": list_length,
-              "accuracy": M.ranking_metrics(ranks, ks)}
-    cold = test["cold_target"].to_numpy()
-    lengths = test["history"].map(len).to_numpy()
+              "accuracy": M.ranking_metrics(ranks, ks, none_if_empty=True), "warnings": []}
+    per_user = {"ndcg": M.ndcg, "hr": M.hit_rate, "mrr": M.mrr}
+    result["accuracy_interval"] = {f"{m}@{x}": M.interval_half_width(f(ranks, x)) for x in ks for m, f in per_user.items()}
+    main = report.main_k(result["accuracy"])
+    if len(test) < FEW_USERS:
+        value, half = result["accuracy"][f"ndcg@{main}"], result["accuracy_interval"][f"ndcg@{main}"]
+        result["warnings"].append(
+            f"NDCG@{main} from {len(test)} test users: {report.number(value, len(test))} "
+            f"+-{report.number(half) if half is not None else 'n/a'} (95% interval half-width, normal approximation); "
+            f"below {FEW_USERS} users the figures are too noisy to compare models")
+    cold = np.array(test["cold_target"].to_numpy(), dtype=bool)  # writable copies for torch.from_numpy
+    lengths = np.array(test["history"].map(len).to_numpy(), dtype=np.int64)
     slices = {"cold_targets": cold, "warm_targets": ~cold}
     for low, high in LENGTH_BUCKETS:
         slices[f"history_{low}-{high if high < 10**9 else 'max'}"] = (lengths >= low) & (lengths <= high)
-    result["slices"] = {name: M.ranking_metrics(ranks[torch.from_numpy(mask)], ks)
-                        for name, mask in slices.items() if mask.any()}
+    # every slice, an empty one too: its metrics are null ("n/a (0 users)"), not 0
+    result["slices"] = {name: M.ranking_metrics(ranks[torch.from_numpy(mask)], ks, none_if_empty=True)
+                        for name, mask in slices.items()}
     k = min(k, list_length)
     lists, list_users = list_matrix(recs, test, users, items, k)
     result[f"beyond@{k}"] = beyond_accuracy(lists, list_users, data, vectors)
@@ -128,14 +148,29 @@ SWEEP = {
 }
 
 
+def _replace(out: Path, keep_sweep: bool = False) -> None:
+    """Remove the files of the earlier evaluate output in `out` (check_output said it may be
+    replaced): only the names distrec evaluate writes, never anything else."""
+    for name in (*report.REPORT_FILES, *(() if keep_sweep else report.SWEEP_FILES), MARKER):
+        (out / name).unlink(missing_ok=True)
+
+
+def _dataset_sha(data_dir: Path) -> str | None:
+    manifest = data_dir / "manifest.json"
+    return fingerprint_file(manifest) if manifest.is_file() else None
+
+
 def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 100, max_loss: float = 0.02,
-          category_level: int = -1, policies: dict | None = None) -> dict:
+          category_level: int = -1, policies: dict | None = None, overwrite: bool = False) -> dict:
     """Every policy over a range of strengths on the test users; the best diversity reached
-    while NDCG@k stays within `max_loss` (relative) of no re-ranking."""
+    while NDCG@k stays within `max_loss` (relative) of no re-ranking. Writes sweep.json and
+    tradeoff.png into `out`, replacing an earlier evaluate output there only with `overwrite`."""
     from distrec.config import load_config, to_dict
     from distrec.score.config import PolicyConfig, ScoreConfig
     from distrec.score.job import BlockScorer, catalog_and_popularity
 
+    run, data_dir, out = Path(run), Path(data_dir), Path(out)
+    replacing = check_output(out, "evaluate", inputs=[run, data_dir], flag="--overwrite", overwrite=overwrite)
     data = load_data(data_dir, category_level)
     test, items = data["test"], data["items"]
     base_cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
@@ -165,135 +200,81 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
         if allowed:
             best[name] = {"ild": max(allowed, key=lambda p: p[f"ild@{k}"]),
                           "category_coverage": max(allowed, key=lambda p: p[f"category_coverage@{k}"])}
-    result = {"k": k, "max_loss": max_loss, "reference_ndcg": reference, "points": points, "best_within_loss": best}
+    result = {"k": k, "max_loss": max_loss, "reference_ndcg": reference, "points": points, "best_within_loss": best,
+              "run": str(run.resolve()), "data": str(data_dir.resolve()), "users": len(test)}
+    if replacing:
+        _replace(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "evaluate", {"run": result["run"], "data": result["data"],
+                                  "dataset_manifest_sha256": _dataset_sha(data_dir)})
     write_atomic(out / "sweep.json", json.dumps(result, indent=2))
-    _plot_sweep(result, out)
+    report.plot_sweep(result, out)
     return result
 
 
-def _plot_sweep(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = result["k"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, metric, label in ((axes[0], f"ild@{k}", f"ILD@{k} (1 - mean cosine)"),
-                                (axes[1], f"category_coverage@{k}", f"category coverage@{k}")):
-        for name in sorted({p["policy"] for p in result["points"]} - {"none"}):
-            pts = [p for p in result["points"] if p["policy"] == name]
-            axis.plot([p[metric] for p in pts], [p[f"ndcg@{k}"] for p in pts], "o-", label=name)
-            best = result["best_within_loss"].get(name, {}).get("ild" if "ild" in metric else "category_coverage")
-            if best:
-                axis.plot(best[metric], best[f"ndcg@{k}"], "*", markersize=14, color="black")
-        none = result["points"][0]
-        axis.plot(none[metric], none[f"ndcg@{k}"], "s", color="gray", label="none")
-        axis.axhline((1 - result["max_loss"]) * result["reference_ndcg"], ls="--", color="gray", lw=0.8)
-        axis.set_xlabel(label)
-        axis.set_ylabel(f"NDCG@{k}")
-        axis.legend(fontsize=8)
-    axes[0].set_title(f"trade-off (stars: most diverse within {result['max_loss']:.0%} NDCG loss)", fontsize=9)
-    fig.tight_layout()
-    savefig_atomic(fig, out / "tradeoff.png", dpi=110)
-    plt.close(fig)
+def _kept_sweep(out: Path, data_dir: Path, run: Path | None, warnings: list[str]) -> dict | None:
+    """The sweep.json a sweep of the same run and data wrote into `out` just before (keep_sweep)."""
+    try:
+        kept = json.loads((out / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = kept.get("data") == str(data_dir.resolve()) and (run is None or kept.get("run") == str(run.resolve()))
+    if not same:
+        warnings.append(f"{out / 'sweep.json'}: a sweep of {kept.get('run')} on {kept.get('data')}, not of this run "
+                        "and data: left out of the report")
+        return None
+    return kept
 
 
-# --- report -----------------------------------------------------------------------------
-
-def _plots(result: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    exposure = np.sort(np.asarray(result["exposure"], dtype=float))
-    if exposure.sum() > 0:
-        fig, axis = plt.subplots(figsize=(5, 4))
-        share = np.concatenate([[0], np.cumsum(exposure) / exposure.sum()])
-        axis.plot(np.linspace(0, 1, len(share)), share, label="lists")
-        axis.plot([0, 1], [0, 1], "--", color="gray", label="equal exposure")
-        axis.set_xlabel("share of catalog (least shown first)")
-        axis.set_ylabel("share of exposure")
-        key = next(k for k in result if k.startswith("beyond@"))
-        axis.set_title(f"exposure Lorenz curve, Gini {result[key]['gini']:.3f}")
-        axis.legend()
-        fig.tight_layout()
-        savefig_atomic(fig, out / "exposure.png", dpi=110)
-        plt.close(fig)
-        names.append("exposure.png")
-    slices = result["slices"]
-    fig, axis = plt.subplots(figsize=(7, 4))
-    labels = list(slices)
-    axis.bar(range(len(labels)), [slices[s].get("ndcg@10", 0.0) for s in labels])
-    axis.set_xticks(range(len(labels)), [f"{s}\n({slices[s]['users']})" for s in labels], fontsize=7)
-    axis.set_ylabel("NDCG@10")
-    axis.set_title("accuracy by slice (users)")
-    fig.tight_layout()
-    savefig_atomic(fig, out / "slices.png", dpi=110)
-    plt.close(fig)
-    return names + ["slices.png"]
-
-
-def _sweep_section(out: Path) -> list[str]:
-    """The trade-off table and plot, when a sweep was written into the same directory."""
-    if not (out / "sweep.json").is_file():
-        return []
-    sweep_result = json.loads((out / "sweep.json").read_text())
-    k, loss = sweep_result["k"], sweep_result["max_loss"]
-    lines = ["## Accuracy-diversity trade-off", "",
-             f"NDCG@{k} without re-ranking: {sweep_result['reference_ndcg']:.4f}. Most diverse setting of each "
-             f"policy while NDCG@{k} stays within {loss:.0%}:", "",
-             f"| policy | strength (ILD) | NDCG@{k} | ILD@{k} | strength (coverage) | category coverage@{k} |",
-             "|---|---|---|---|---|---|"]
-    for name, best in sweep_result["best_within_loss"].items():
-        a, b = best["ild"], best["category_coverage"]
-        lines.append(f"| {name} | {a['strength']} | {a[f'ndcg@{k}']:.4f} | {a[f'ild@{k}']:.3f} | {b['strength']} | "
-                     f"{b[f'category_coverage@{k}']:.3f} |")
-    return lines + ["", "![tradeoff.png](tradeoff.png)", ""]
-
-
-def write_report(result: dict, out: Path, title: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "metrics.json", json.dumps({k: v for k, v in result.items() if k != "exposure"}, indent=2))
-    images = _plots(result, out)
-    key = next(k for k in result if k.startswith("beyond@"))
-    acc = result["accuracy"]
-    lines = [f"# {title}", "", f"{result['users']:,} test users, {result['users_with_lists']:,} with a list of "
-             f"{result['list_length']} items.", "", "## Accuracy (full ranking)", "",
-             "| metric | value |", "|---|---|", *[f"| {m} | {v:.4f} |" for m, v in acc.items() if m != "users"], "",
-             f"## Beyond accuracy ({key.split('@')[1]} items)", "", "| metric | value |", "|---|---|",
-             *[f"| {m} | {v:.4f} |" for m, v in result[key].items()], "", "## Slices", "",
-             "| slice | users | NDCG@10 | HR@10 |", "|---|---|---|---|",
-             *[f"| {s} | {m['users']} | {m.get('ndcg@10', 0):.4f} | {m.get('hr@10', 0):.4f} |"
-               for s, m in result["slices"].items()], "", *[f"![{i}]({i})" for i in images], "",
-             *_sweep_section(out)]
-    markdown = "\n".join(lines)
-    write_atomic(out / "report.md", markdown)
-    body = "".join(f"<pre>{html.escape(line)}</pre>" if line.startswith("|") else
-                   (f"<img src='{line[line.index('(') + 1:-1]}'>" if line.startswith("![") else
-                    f"<h2>{html.escape(line[3:])}</h2>" if line.startswith("## ") else
-                    f"<h1>{html.escape(line[2:])}</h1>" if line.startswith("# ") else f"<p>{html.escape(line)}</p>")
-                   for line in lines if line)
-    write_atomic(out / "report.html", f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>{body}")
-
-
-def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None, category_level: int = -1) -> dict:
-    from distrec.score.job import read_recommendations
-
+def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None, category_level: int = -1,
+             overwrite: bool = False, keep_sweep: bool = False) -> dict:
+    """Metrics and report of the lists in `recs_dir` (a distrec score output) on `data_dir`'s
+    test users, written into `out`. Refuses, before writing anything, an `out` holding an
+    earlier report without `overwrite`, lists made from another dataset, an unfinished or
+    mixed job (distrec.recs). `keep_sweep`: keep (and report) the sweep.json that
+    `sweep(run, data_dir, out)` wrote into `out` just before (distrec demo). The result's
+    "warnings" are lines for the user (the CLI prints them; metrics.json and the report hold them)."""
+    recs_dir, data_dir, out = Path(recs_dir), Path(data_dir), Path(out)
+    run = Path(run) if run is not None else None
+    replacing = check_output(out, "evaluate", inputs=[recs_dir, data_dir, run], flag="--overwrite",
+                             overwrite=None if keep_sweep else overwrite)
+    if replacing and keep_sweep and not overwrite and any(
+            p.name not in (*report.SWEEP_FILES, MARKER) for p in out.iterdir()):
+        raise ConfigError(f"{out}: already holds a distrec evaluate report; pass --overwrite to replace it, "
+                          "or choose another output directory")
     data = load_data(data_dir, category_level)
-    recs = read_recommendations(recs_dir)
+    recs, about = read_recommendations(recs_dir, data_dir)
+    warnings = list(about.pop("warnings"))
     vectors = None
     if run is not None:
         from distrec.config import load_config
         from distrec.score.config import ScoreConfig
         from distrec.score.job import catalog_and_popularity
 
+        scored_with = (_job_inputs(recs_dir).get("checkpoint_sha256"), about.get("run"))
+        if scored_with[0] and (run / "best").is_dir() and fingerprint_dir(run / "best") != scored_with[0]:
+            warnings.append(f"ILD is measured with the item vectors of {run}, not of the run the lists were scored "
+                            f"with ({scored_with[1]}: another checkpoint)")
         cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out)})
-        vectors = torch.from_numpy(catalog_and_popularity(cfg, data["items"])[0])
+        vectors = torch.tensor(np.array(catalog_and_popularity(cfg, data["items"])[0]))
     result = evaluate_lists(recs, data, vectors)
-    write_report(result, out, f"distrec evaluate: {recs_dir}")
+    result["warnings"] = warnings + result["warnings"]
+    result["about"] = {"recs": str(recs_dir.resolve()), "job": about["job"], "parts": about["parts"],
+                       "policy": about["policy"], "data": str(data_dir.resolve()),
+                       "run": str(run.resolve()) if run is not None else None, "scored_with_run": about["run"],
+                       "dataset_manifest_sha256": _dataset_sha(data_dir)}
+    sweep_result = _kept_sweep(out, data_dir, run, result["warnings"]) if keep_sweep and replacing else None
+    if replacing:
+        _replace(out, keep_sweep=sweep_result is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "evaluate", {k: result["about"][k] for k in ("recs", "job", "data", "run",
+                                                                  "dataset_manifest_sha256")})
+    report.write_report(result, out, f"distrec evaluate: {recs_dir}", sweep_result)
     return result
 
+
+def _job_inputs(recs_dir: Path) -> dict:
+    try:
+        return json.loads((recs_dir / "job.json").read_text()).get("inputs") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}

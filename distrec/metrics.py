@@ -52,17 +52,28 @@ def mrr(ranks: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(ranks <= k, 1.0 / ranks, torch.zeros_like(ranks))
 
 
-def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
+def ranking_metrics(ranks: torch.Tensor, ks=KS, none_if_empty: bool = False) -> dict[str, float | None]:
     """Mean NDCG, HR (= Recall) and MRR at each k over all users of `ranks` (unscored
-    users must be passed as rank +inf so they count as misses)."""
+    users must be passed as rank +inf so they count as misses). Over no users at all the
+    means are undefined: None with `none_if_empty` (a slice of 0 users is not a score of 0)."""
     out = {}
     n = max(len(ranks), 1)
+    empty = none_if_empty and len(ranks) == 0
     for k in ks:
-        out[f"ndcg@{k}"] = float(ndcg(ranks, k).sum()) / n
-        out[f"hr@{k}"] = float(hit_rate(ranks, k).sum()) / n
-        out[f"mrr@{k}"] = float(mrr(ranks, k).sum()) / n
+        out[f"ndcg@{k}"] = None if empty else float(ndcg(ranks, k).sum()) / n
+        out[f"hr@{k}"] = None if empty else float(hit_rate(ranks, k).sum()) / n
+        out[f"mrr@{k}"] = None if empty else float(mrr(ranks, k).sum()) / n
     out["users"] = len(ranks)
     return out
+
+
+def interval_half_width(values: torch.Tensor, z: float = 1.96) -> float | None:
+    """Half-width of the 95% interval of the mean of per-user values (normal approximation:
+    z x sample standard deviation / sqrt(n)); None for fewer than 2 users."""
+    n = len(values)
+    if n < 2:
+        return None
+    return float(z * values.double().std(unbiased=True) / n ** 0.5)
 
 
 

@@ -123,3 +123,19 @@ def test_alpha_ndcg_perfect_and_redundant_lists():
     ideal = d[0] + d[1] + 0.5 * d[2] + 0.5 * d[3]
     assert redundant == pytest.approx((d[0] + 0.5 * d[1] + d[2] + 0.5 * d[3]) / ideal)
     assert M.alpha_ndcg(torch.tensor([[4, 4, 4, 4]]), primary, profile) == 0.0
+
+
+# --- over no users, and how far a mean over few users can be trusted -----------------------
+
+def test_metrics_over_no_users_are_undefined_not_zero():
+    empty = ranking_metrics(torch.tensor([], dtype=torch.float64), ks=(10,), none_if_empty=True)
+    assert empty == {"ndcg@10": None, "hr@10": None, "mrr@10": None, "users": 0}
+    assert ranking_metrics(torch.tensor([], dtype=torch.float64), ks=(10,))["ndcg@10"] == 0.0  # the default is kept
+    assert ranking_metrics(torch.tensor([1.0]), ks=(10,), none_if_empty=True)["hr@10"] == 1.0
+
+
+def test_interval_half_width_textbook():
+    values = torch.tensor([0.0, 1.0, 0.0, 1.0])  # sample sd = sqrt(1/3)
+    assert M.interval_half_width(values) == pytest.approx(1.96 * math.sqrt(1 / 3) / 2)
+    assert M.interval_half_width(torch.tensor([0.5])) is None
+    assert M.interval_half_width(torch.ones(50)) == 0.0
