@@ -1,6 +1,8 @@
 """The run directory: the one place that writes and reads a trained model.
 
-    RUN/config.yaml              resolved training config
+    RUN/.distrec-output.json     the marker: written by distrec train, from which dataset
+    RUN/run.json                 what the run was trained on (`dataset_identity`, --init-from)
+    RUN/config.yaml              resolved training config (written once the run exists)
     RUN/tokenizer/               the backbone's tokenizer (text models)
     RUN/best/, RUN/final/        a model checkpoint:
         model.json               model + PEFT settings, catalog size, item ids
@@ -16,6 +18,7 @@ Everything loads with safetensors or `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -32,9 +35,66 @@ from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
 from distrec.models.config import ModelConfig, PeftConfig
 from distrec.models.peft_methods import apply_peft, load_backbone_weights, save_backbone
 from distrec.models.recommender import Popularity, Recommender
+from distrec.outputs import fingerprint_dir, fingerprint_file
 
 HEADS = "heads.safetensors"
 MODEL_JSON = "model.json"
+RUN_JSON = "run.json"
+RUN_FORMAT = "distrec-run/1"
+DATA_FILES = ("items.parquet", "users.parquet", "val.parquet", "test.parquet")
+
+
+def item_ids_sha256(item_ids) -> str:
+    return hashlib.sha256("\n".join(map(str, item_ids)).encode()).hexdigest()
+
+
+def dataset_identity(data_dir: str | Path, items: pd.DataFrame | None = None) -> dict:
+    """What a prepared dataset is: its manifest's sha256 (what every stage records), and a
+    content sha256 (the shards' recorded checksums and the tables' bytes) under which a
+    dataset prepared again from the same input, whose manifest differs only in its timings,
+    is still the same dataset."""
+    d = Path(data_dir)
+    manifest = json.loads((d / "manifest.json").read_text())
+    if items is None:
+        items = pd.read_parquet(d / "items.parquet", columns=["item_id"])
+    content = hashlib.sha256(json.dumps([[s.get("path"), s.get("samples"), s.get("sha256")]
+                                         for s in manifest.get("shards", [])]).encode())
+    content.update(fingerprint_dir(d, [name for name in DATA_FILES if (d / name).is_file()]).encode())
+    return {"dir": str(d.resolve()), "manifest_sha256": fingerprint_file(d / "manifest.json"),
+            "content_sha256": content.hexdigest(), "num_items": len(items),
+            "item_ids_sha256": item_ids_sha256(items["item_id"])}
+
+
+def same_dataset(recorded: dict, current: dict) -> bool:
+    return (recorded.get("manifest_sha256") == current["manifest_sha256"]
+            or recorded.get("content_sha256") == current["content_sha256"])
+
+
+def read_run_record(run_dir: str | Path) -> dict | None:
+    """RUN/run.json (None for runs written before it existed, or an unreadable one)."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
+
+
+TEXT_ONLY_KEYS = ("model.backbone", "model.pooling", "model.max_text_tokens", "model.backbone_dropout")
+
+
+def model_settings(model: dict, peft: dict) -> dict:
+    """The model.* and peft.* settings a checkpoint's weights depend on, flattened: an ID or
+    popularity model has no backbone, so its backbone and PEFT keys do not count;
+    `trust_remote_code` is a permission, not a property of the model."""
+    flat = {f"model.{k}": v for k, v in (model or {}).items() if k != "trust_remote_code"}
+    if flat.get("model.item_repr") in ("id", "popularity"):
+        return {k: v for k, v in flat.items() if k not in TEXT_ONLY_KEYS}
+    return {**flat, **{f"peft.{k}": v for k, v in (peft or {}).items()}}
+
+
+def settings_differ(old: dict, new: dict) -> list[str]:
+    """'key old -> new' for every key both hold with different values."""
+    return [f"{key} {old[key]} -> {new[key]}" for key in sorted(old) if key in new and old[key] != new[key]]
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFrame, total_steps: int,

@@ -4,6 +4,20 @@ One process:        distrec train --config configs/train/demo.yaml data.dir=... 
 accelerate:         accelerate launch --config_file configs/accelerate/X.yaml -m distrec.train --config ...
 Resume after a crash: the same command with --resume (model, optimizer, scheduler, RNG and
 the position in the epoch come back, so the run continues as if never stopped).
+
+What a run directory may become (every refusal comes before anything is written):
+- a new run is marked (`.distrec-output.json`) and records what it trains on (`run.json`:
+  the dataset's manifest sha256, its content, its item ids; `--init-from`); `config.yaml`
+  is written once the model is built;
+- `run.overwrite=true` replaces only a run distrec wrote, and removes only distrec's own
+  files of it (`RUN_NAMES`): a folder that is or holds the dataset, or holds anything
+  else, is never replaced (`distrec.outputs.check_output`);
+- `--resume` continues only on the run's own dataset and model settings (`model.*`,
+  `peft.*`, what a step is); a changed `train.*` setting is honoured and said
+  ("resuming ... with train.epochs 3 -> 5");
+- `--init-from` keeps the earlier run's model settings (a change is refused), needs a
+  catalog sharing item ids with it, and says when it shares few;
+- a text model needs item text.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -23,18 +38,78 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+import yaml
 from transformers import get_scheduler
 
 from distrec.atomic import publish_dir, recover_dir, staging_for, write_atomic
-from distrec.config import ConfigError, save_config
+from distrec.config import ConfigError, save_config, to_dict
 from distrec.data.shards import ShardedSamples
 from distrec.models.losses import inclusion_log_q
 from distrec.models.peft_methods import adalora_apply_masks, adalora_update_importance, count_parameters
-from distrec.models.run import build_model, load_model, read_model_json, save_model, trainable_backbone
+from distrec.models.run import (RUN_FORMAT, RUN_JSON, build_model, dataset_identity, load_model, model_settings,
+                                read_model_json, read_run_record, same_dataset, save_model, settings_differ,
+                                trainable_backbone)
+from distrec.outputs import MARKER, check_output, mark_output, read_marker, written_by
 from distrec.train.config import TrainConfig
 from distrec.train.ranking import evaluate
 
 DATA_FORMAT = "distrec-prepared/1"
+# what distrec train writes into a run directory: all that run.overwrite=true removes
+RUN_NAMES = ("config.yaml", RUN_JSON, "best", "last", "final", "tokenizer", "tb", "metrics.jsonl", "results.json")
+CHECKPOINTS = ("best", "last", "final")  # directories published through a staging copy
+# refused on --resume: what a step is (a checkpoint's position in the epoch counts them), and
+# what the checkpoint's optimizer and schedule state carry (restored over the config's values)
+NOT_ON_RESUME = ("train.batch_size", "train.grad_accum", "train.lr", "train.backbone_lr", "train.weight_decay")
+HONOURED_ON_RESUME = ("seed", "data.num_workers", "data.verify")  # besides train.*
+FEW_SHARED_ITEMS = 0.5  # --init-from warns below this share of the catalog known to the earlier model
+MOSTLY_WITHOUT_TEXT = 0.9  # a text model warns from this share of items without text
+
+
+def _is_run_file(name: str) -> bool:
+    """A name distrec train writes into a run directory (its files, a checkpoint's staging or
+    previous copy, an atomic write's temporary file)."""
+    if name in RUN_NAMES or name == MARKER:
+        return True
+    if any(name in (f".{base}.tmp", f".{base}.old") for base in CHECKPOINTS):
+        return True
+    return any(name.startswith(f".{base}.tmp-") for base in (*RUN_NAMES, MARKER))
+
+
+def _clear_run(run_dir: Path) -> None:
+    """run.overwrite=true: remove distrec's own files of the earlier run (the marker stays until
+    it is rewritten: a kill in between leaves a directory still known as a run); the user's
+    files stay."""
+    for entry in run_dir.iterdir():
+        if entry.name == MARKER or not _is_run_file(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from the first process of a launch only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -160,7 +235,14 @@ class Trainer:
         self.cfg, self.resume = cfg, resume
         self.data_dir, self.run_dir = Path(cfg.data.dir), Path(cfg.run.dir)
         self.manifest = _check_data(self.data_dir)
+        self.items = pd.read_parquet(self.data_dir / "items.parquet")
+        self.identity = dataset_identity(self.data_dir, self.items)
+        self.warnings: list[str] = []  # said on stderr and kept in results.json
+        self.init_from, self.init_record, self.resume_changes = init_from, None, []
+        # every refusal before anything is written: the run directory stays as it was
         self._check_run_dir(init_from)
+        self._check_init_from(init_from)
+        self._check_item_text()
         on_gpu = torch.cuda.is_available()
         _check_launch(on_gpu)
         self.deepspeed = deepspeed_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -179,7 +261,6 @@ class Trainer:
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.trackers or None, project_dir=str(self.run_dir), kwargs_handlers=handlers)
         set_seed(cfg.seed)
-        self.items = pd.read_parquet(self.data_dir / "items.parquet")
         self.val = pd.read_parquet(self.data_dir / "val.parquet")
         self.test = pd.read_parquet(self.data_dir / "test.parquet")
         if cfg.train.eval_users and len(self.val) > cfg.train.eval_users:
@@ -227,17 +308,195 @@ class Trainer:
         o.kind, o.num_negatives, o.bce_negatives, o.pos_weight = t.loss, t.num_negatives, t.bce_negatives, t.pos_weight
         o.log_q = inclusion_log_q(counts, positions, t.num_negatives).to(self.accelerator.device)
 
-    def _check_run_dir(self, init_from):
+    # -- what the run directory may become (nothing written here but a checkpoint's recovery)
+    def _warn(self, line: str) -> None:
+        self.warnings.append(line)
+        _say(f"warning: {line}")
+
+    def _has_checkpoint(self) -> bool:
+        """last/ whole, or its previous copy left by a kill between publish_dir's two renames."""
+        return any((self.run_dir / name / "trainer_state.json").is_file() for name in ("last", ".last.old"))
+
+    def _unmarked_checkpoint(self) -> bool:
+        """A directory holding only a checkpoint distrec wrote but no marker: what a Ray worker
+        on a node without the shared run directory restores its checkpoint into."""
+        run = self.run_dir
+        if not run.is_dir() or read_marker(run) is not None or written_by(run) is not None:
+            return False
+        names = [entry.name for entry in run.iterdir()]
+        return (bool(names) and all(map(_is_run_file, names))
+                and any(n in names for n in ("last", ".last.tmp", ".last.old")))
+
+    def _check_run_dir(self, init_from) -> None:
+        cfg, run = self.cfg, self.run_dir
+        inputs = [self.data_dir, init_from]
+        if self._unmarked_checkpoint():
+            target = run.resolve()
+            for given in filter(None, inputs):
+                if target == Path(given).resolve() or target in Path(given).resolve().parents:
+                    raise ConfigError(f"run.dir={run}: is or holds the input {given} of this train; distrec never "
+                                      "writes over its inputs: choose another run.dir")
+            existed = True
+        else:
+            # refuses an input, a folder holding one, the cwd, and a folder distrec train did not write
+            existed = check_output(run, "train", inputs=inputs, flag="run.overwrite=true", overwrite=None)
+        self.replace = False
         if self.resume:
+            if not existed:
+                raise ConfigError(f"--resume: run.dir={run} holds no run, so no checkpoint to resume from; "
+                                  "drop --resume to start it")
+            if not self._has_checkpoint():
+                raise ConfigError(f"--resume: run.dir={run} has no checkpoint yet (the first run stopped before one "
+                                  "was saved); start afresh with run.overwrite=true (without --resume)")
+            self._check_same_run()
             for name in ("last", "best"):  # a kill between a checkpoint's two renames
-                recover_dir(self.run_dir / name)
-            if not (self.run_dir / "last" / "trainer_state.json").is_file():
-                raise ConfigError(f"--resume: {self.run_dir} has no checkpoint to resume from (last/trainer_state.json)")
-        elif (self.run_dir / "config.yaml").exists() and not self.cfg.run.overwrite:
-            raise ConfigError(f"run.dir={self.run_dir} already holds a run; pass --resume to continue it "
-                              "or run.overwrite=true to start afresh")
-        if init_from is not None:
-            read_model_json(Path(init_from) / "best")  # fails clearly before any work
+                recover_dir(run / name)
+        elif existed and not cfg.run.overwrite:
+            if self._has_checkpoint():
+                raise ConfigError(f"run.dir={run} already holds a run; pass --resume to continue it, or "
+                                  "run.overwrite=true to start afresh (or choose another run.dir)")
+            raise ConfigError(f"run.dir={run} already holds a run that stopped before its first checkpoint (nothing "
+                              "to resume); pass run.overwrite=true to start afresh (or choose another run.dir)")
+        else:
+            self.replace = existed
+
+    def _check_same_run(self) -> None:
+        """--resume: the run's own dataset and model settings, or a one-line refusal naming both."""
+        run, cfg, now = self.run_dir, self.cfg, self.identity
+        record = read_run_record(run) or {}
+        old_cfg = _read_config(run / "config.yaml")
+        try:
+            best = read_model_json(run / "best")
+        except ConfigError:
+            best = None
+        old_ids = [str(i) for i in best["item_ids"]] if best else None
+        new_ids = self.items["item_id"].astype(str).tolist()
+        old_dir = (record.get("data") or {}).get("dir") or ((old_cfg or {}).get("data") or {}).get("dir")
+        if record.get("data"):
+            same = same_dataset(record["data"], now)
+            recorded = record["data"].get("manifest_sha256", "?")
+            detail = f"manifest sha256 {recorded[:12]} vs {now['manifest_sha256'][:12]}"
+        else:  # a run written before run.json: its checkpoint's catalog
+            same = old_ids is None or old_ids == new_ids
+            detail = "another catalog"
+        if not same:
+            if old_ids is not None and old_ids != new_ids:
+                shared = len(set(old_ids) & set(new_ids))
+                detail += (f"; the same {len(new_ids)} items in another order" if sorted(old_ids) == sorted(new_ids)
+                           else f"; {len(old_ids)} items there, {len(new_ids)} here, {shared} in both")
+            if old_dir and Path(old_dir).resolve() == self.data_dir.resolve():
+                raise ConfigError(f"--resume: data.dir={self.data_dir} has changed since run.dir={run} was trained "
+                                  f"on it ({detail}; prepared again?): a checkpoint continues only on its own dataset: "
+                                  "start a new run (another run.dir, or run.overwrite=true)")
+            raise ConfigError(f"--resume: data.dir={self.data_dir} is not the dataset run.dir={run} was trained on "
+                              f"({old_dir or 'another dataset'}; {detail}): resume with "
+                              f"data.dir={old_dir or 'that one'}, "
+                              "or start a new run (another run.dir, or run.overwrite=true)")
+        new = _flat(to_dict(cfg))
+        if old_cfg is not None:
+            old = _flat(old_cfg)
+            old_model = model_settings(old_cfg.get("model"), old_cfg.get("peft"))
+        elif best is not None:
+            old, old_model = {}, model_settings(best["model"], best["peft"])
+        else:
+            return
+        changed = settings_differ(old_model, model_settings(to_dict(cfg.model), to_dict(cfg.peft)))
+        changed += settings_differ({k: old[k] for k in NOT_ON_RESUME if k in old}, new)
+        if changed:
+            raise ConfigError(f"--resume: run.dir={run} was trained with other settings than this config "
+                              f"({', '.join(changed)}): its checkpoint continues only with its own model, step and "
+                              "optimizer settings: resume with them, or start a new run (another run.dir, or "
+                              "run.overwrite=true)")
+        honoured = {k: v for k, v in old.items() if (k.startswith("train.") or k in HONOURED_ON_RESUME)
+                    and k not in NOT_ON_RESUME}
+        self.resume_changes = settings_differ(honoured, new)
+
+    def _check_init_from(self, init_from) -> None:
+        """--init-from: the earlier run's model settings (a changed one is refused: the model
+        would not be what config.yaml says), and a catalog sharing item ids with it."""
+        if init_from is None:
+            return
+        meta = read_model_json(Path(init_from) / "best")  # fails clearly before any work
+        cfg = self.cfg
+        changed = settings_differ(model_settings(meta["model"], meta["peft"]),
+                                  model_settings(to_dict(cfg.model), to_dict(cfg.peft)))
+        if changed:
+            raise ConfigError(f"--init-from {init_from}: this config changes the settings its model was trained with "
+                              f"({', '.join(changed)}); a continued model keeps them: set them as in "
+                              f"{Path(init_from) / 'config.yaml'}, or train afresh without --init-from")
+        known = {str(i) for i in meta["item_ids"]}
+        new_ids = self.items["item_id"].astype(str)
+        shared = int(new_ids.isin(known).sum())
+        if shared == 0:
+            raise ConfigError(f"--init-from {init_from}: its model ({len(known)} items) shares no item id with "
+                              f"data.dir={self.data_dir} ({len(new_ids)} items): is this the dataset it was trained "
+                              "for? train afresh without --init-from")
+        share = shared / len(new_ids)
+        self.init_record = {"run": str(Path(init_from).resolve()), "shared_items": shared,
+                            "catalog_items": len(new_ids), "model_items": len(known), "share": round(share, 4)}
+        if share < FEW_SHARED_ITEMS:
+            start = ("from their text alone" if cfg.model.item_repr in ("text", "text+id")
+                     else "untrained (ID vectors at zero)")
+            self._warn(f"--init-from {init_from}: only {shared} of the {len(new_ids)} items of "
+                       f"data.dir={self.data_dir} ({share:.0%}) are known to its model; the other {len(new_ids) - shared} start {start}")
+
+    def _check_item_text(self) -> None:
+        """A text model on items without text ranks them by nothing: tied scores as results."""
+        repr_ = self.cfg.model.item_repr
+        if repr_ not in ("text", "text+id"):
+            return
+        texts = self.items["text"].fillna("").astype(str).str.strip() if "text" in self.items else None
+        empty = 1.0 if texts is None or len(texts) == 0 else float((texts == "").mean())
+        if empty == 1.0:
+            raise ConfigError(f"data.dir={self.data_dir} has no item text (prepared without --items): train "
+                              "item_repr=id, or prepare with --items CATALOG")
+        if empty >= MOSTLY_WITHOUT_TEXT:
+            self._warn(f"data.dir={self.data_dir}: {empty:.0%} of the {len(texts)} items have no text (prepared "
+                       f"without a full catalog?): model.item_repr={repr_} has nothing to tell those apart; train "
+                       "item_repr=id, or prepare with --items CATALOG")
+
+    # -- writing the run directory (once every check passed and the model is built) -------
+    def _create_run(self) -> None:
+        """Main process, a new run: replace distrec's own files of an earlier one
+        (run.overwrite=true), mark the directory, record what the run trains on, its config."""
+        cfg, run = self.cfg, self.run_dir
+        if self.replace:
+            _clear_run(run)
+        run.mkdir(parents=True, exist_ok=True)
+        self._mark()
+        write_atomic(run / RUN_JSON, json.dumps({"format": RUN_FORMAT, "data": self.identity,
+                                                  "init_from": self.init_record}, indent=2) + "\n")
+        save_config(cfg, run / "config.yaml")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(run / "tokenizer"))
+
+    def _mark(self) -> None:
+        mark_output(self.run_dir, "train", {"data_dir": self.identity["dir"],
+                                            "manifest_sha256": self.identity["manifest_sha256"],
+                                            "init_from": None if self.init_from is None
+                                            else str(Path(self.init_from).resolve())})
+
+    def _resumed(self) -> None:
+        """After the checkpoint loaded: the honoured train.* changes take effect and are said;
+        config.yaml then describes the run as it continues."""
+        s, t, run = self.state, self.cfg.train, self.run_dir
+        # done again from this config: more epochs continue a finished run, fewer end it
+        s.done = s.global_step >= self.total_steps or bool(t.patience and s.bad_evals >= t.patience)
+        if not s.done and s.step_in_epoch >= len(self.dataset):  # a run that ended on an epoch's last step
+            s.epoch, s.step_in_epoch = s.epoch + 1, 0
+        if not self.accelerator.is_main_process:
+            return
+        self._trim_metrics(s.global_step)
+        if read_marker(run) is None:  # a run written before the marker
+            self._mark()
+        if read_run_record(run) is None:
+            write_atomic(run / RUN_JSON, json.dumps({"format": RUN_FORMAT, "data": self.identity,
+                                                      "init_from": self.init_record}, indent=2) + "\n")
+        save_config(self.cfg, run / "config.yaml")
+        if self.tokenizer is not None and not (run / "tokenizer").exists():
+            self.tokenizer.save_pretrained(str(run / "tokenizer"))
+        if self.resume_changes:
+            _say(f"resuming {run} at step {s.global_step} with {', '.join(self.resume_changes)}")
 
     def _model(self, init_from):
         cfg = self.cfg
@@ -260,6 +519,7 @@ class Trainer:
         acc.wait_for_everyone()  # every rank's files are in before the directory is published
         if acc.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
+            self._stop_here("checkpoint")
             publish_dir(staging, last)
         acc.wait_for_everyone()
 
@@ -321,12 +581,27 @@ class Trainer:
                 s.done = True
         if s.global_step >= self.total_steps:
             s.done = True
+        self._stop_here("validated")
         self._save_last()
         if self.on_checkpoint is not None:
             self.on_checkpoint({"step": s.global_step, "epoch": s.epoch, **{f"valid/{k}": v for k, v in metrics.items()}})
         crash = os.environ.get("DISTREC_CRASH_AFTER_STEP")  # fault injection for the resume tests
         if crash and not self.resume and s.global_step >= int(crash):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _stop_here(self, phase: str) -> None:
+        """Fault injection for the kill tests, by training progress (not by the clock):
+        DISTREC_STOP_AT=STEP:PHASE makes this process SIGSTOP itself, once, for the test to
+        SIGKILL it, at the first PHASE at or after optimizer step STEP: `step` (the step
+        done), `validated` (validation done and best/ saved, last/ not yet), `checkpoint`
+        (last/ written to its staging directory, not yet published)."""
+        spec = os.environ.get("DISTREC_STOP_AT")
+        if not spec or getattr(self, "_stopped", False):
+            return
+        step, _, where = spec.partition(":")
+        if where == phase and self.state.global_step >= int(step):
+            self._stopped = True
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     # -- the loop ------------------------------------------------------------------------
     def _live_items(self, target: torch.Tensor) -> torch.Tensor:
@@ -342,20 +617,15 @@ class Trainer:
 
     def fit(self) -> dict:
         acc, cfg, s = self.accelerator, self.cfg, self.state
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
-                for stale in ("metrics.jsonl", "results.json"):
-                    (self.run_dir / stale).unlink(missing_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        acc.wait_for_everyone()  # every rank's checks read the directory before it changes
+        if acc.is_main_process and not self.resume:
+            self._create_run()
+        acc.wait_for_everyone()
         acc.init_trackers("tb", config={k: str(v) for k, v in asdict(cfg).items()})
         if self.resume:
             acc.load_state(str(self.run_dir / "last"))
             self.state = s = TrainerState(**json.loads((self.run_dir / "last" / "trainer_state.json").read_text()))
-            if acc.is_main_process:
-                self._trim_metrics(s.global_step)
+            self._resumed()
         self._log({"event": "start", "step": s.global_step, "world_size": acc.num_processes,
                    "distributed": str(acc.distributed_type).rsplit(".", 1)[-1],
                    "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
@@ -386,6 +656,7 @@ class Trainer:
                     continue
                 s.global_step += 1
                 bar.update(1)
+                self._stop_here("step")
                 if s.global_step % cfg.train.log_every == 0:
                     elapsed = time.perf_counter() - started
                     # the mean over ranks: what one process with the whole global batch would report
@@ -457,6 +728,11 @@ class Trainer:
             model.pooled_cache[live] = live_pooled.detach().float()
         return float(loss.detach())
 
+    def _epochs_done(self) -> int | float:
+        """Passes over the training samples (the epoch index alone says 0 after one epoch)."""
+        done = self.state.epoch + self.state.step_in_epoch / max(len(self.dataset), 1)
+        return int(done) if float(done).is_integer() else round(done, 2)
+
     def _finish(self, seconds: float, samples: int, session_seconds: float | None = None) -> dict:
         """Test the best checkpoint once (PROTOCOL: the test split is read once per run)."""
         acc = self.accelerator
@@ -471,10 +747,12 @@ class Trainer:
         valid = evaluate(best, self.val, table, acc, self.cfg.train.eval_batch_size)["all"]
         results = {
             "valid": valid, "test": test["all"], "test_cold": test["cold"], "test_warm": test["warm"],
-            "best_step": self.state.best_step, "steps": self.state.global_step, "epochs": self.state.epoch,
+            "best_step": self.state.best_step, "steps": self.state.global_step, "epochs": self._epochs_done(),
             "seconds": round(seconds, 1),
             "samples_per_s": round(samples * acc.num_processes / max(session_seconds or seconds, 1e-9), 1),
             "parameters": self.parameters, "world_size": acc.num_processes, "mixed_precision": acc.mixed_precision,
+            "data": {k: self.identity[k] for k in ("dir", "manifest_sha256")}, "init_from": self.init_record,
+            "warnings": self.warnings,
         }
         self._log({"event": "test", "step": self.state.global_step,
                    **{f"test/{k}": v for k, v in test["all"].items() if k != "users"}})

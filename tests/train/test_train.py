@@ -76,38 +76,62 @@ def test_resume_after_a_crash_reaches_the_same_metrics(data_dir, tmp_path, monke
     assert resumed["test"] == straight["test"] and resumed["valid"] == straight["valid"]
 
 
-@pytest.mark.timeout(600)
+def _stopped_or_exited(job: subprocess.Popen, deadline: float) -> int | None:
+    """Wait (by polling the process, up to `deadline`) until `job` stops itself (None) or exits
+    (its code, set on `job` too: the status was reaped here)."""
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(job.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return None
+        if pid:
+            job.returncode = os.waitstatus_to_exitcode(status)
+            return job.returncode
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    raise AssertionError("the training process neither reached its stop point nor exited in 10 minutes")
+
+
+@pytest.mark.timeout(1800)
 def test_sigkill_at_random_moments_then_resume_reaches_the_same_metrics(data_dir, tmp_path):
-    """SIGKILL `distrec train` at random moments (seeded), the resumed runs included, with a
-    checkpoint every 3 steps so kills also land inside checkpoint writes; re-run the same
-    command (with --resume once a checkpoint exists) until it finishes. The test metrics
-    equal an uninterrupted run's and metrics.jsonl holds every step once."""
+    """SIGKILL `distrec train` at random points of its progress (seeded), the resumed runs
+    included, with a checkpoint every 3 steps so kills also land inside checkpoint writes;
+    re-run the same command (with --resume once a checkpoint exists) until it finishes. The
+    test metrics equal an uninterrupted run's and metrics.jsonl holds every step once.
+
+    Kill points are chosen by training progress, never by the clock (a fresh clone on a busy
+    machine once saw every timed kill land at the same checkpoint): DISTREC_STOP_AT makes the
+    trainer SIGSTOP itself at a random step (one per fifth of the run) and phase (after a
+    step, after validation, inside the checkpoint write), and the test then SIGKILLs it."""
     args = ("model.item_repr=id", "train.epochs=24", "train.patience=0", "train.eval_every=3", "seed=5")
     assert _train(*_overrides(data_dir, tmp_path / "straight", *args)) == 0
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
-    run, rng, kills, landed = tmp_path / "killed", random.Random(20261129), [], []
-    for attempt in range(12):
+    total = straight["steps"]
+    rng = random.Random(20261129)
+    fifths = [(total * i // 5 + 1, total * (i + 1) // 5 - 1) for i in range(5)]
+    stops = [(rng.randint(low, high), rng.choice(["step", "validated", "checkpoint"])) for low, high in fifths]
+    run, kills, landed = tmp_path / "killed", [], []
+    for attempt in range(len(stops) + 1):
         resume = (run / "last" / "trainer_state.json").is_file()
         command = [sys.executable, "-m", "distrec", "train", "--no-progress", *(["--resume"] if resume else []),
                    *_overrides(data_dir, run, *args), *([] if resume else ["run.overwrite=true"])]
-        launched = time.time()
-        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        if len(kills) < 5:
-            metrics = run / "metrics.jsonl"
-            while job.poll() is None and not (metrics.is_file() and metrics.stat().st_mtime > launched):
-                time.sleep(0.01)  # until this attempt logs its start: it is training
-            time.sleep(rng.uniform(0.0, 3.0))  # training takes ~4 s here
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-                state = run / "last" / "trainer_state.json"
-                kills.append(json.loads(state.read_text())["global_step"] if state.is_file() else None)
-                landed.append(job.wait())
-                continue
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 0, err.decode()[-3000:]
-        break
-    assert len(kills) >= 3, f"only {len(kills)} kills landed before the run finished"
-    assert len(set(kills)) >= 3, f"kills landed at the checkpoints of steps {kills}: not spread over the run"
+        env = dict(os.environ)
+        if attempt < len(stops):
+            env["DISTREC_STOP_AT"] = "{}:{}".format(*stops[attempt])
+        log = tmp_path / f"attempt-{attempt}.err"
+        with open(log, "w") as err:
+            job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+            code = _stopped_or_exited(job, time.monotonic() + 600)
+        if attempt < len(stops):
+            assert code is None, f"attempt {attempt} exited ({code}) before its stop {stops[attempt]}: " \
+                                 f"{log.read_text()[-3000:]}"
+            os.killpg(job.pid, signal.SIGKILL)
+            state = run / "last" / "trainer_state.json"
+            kills.append(json.loads(state.read_text())["global_step"] if state.is_file() else None)
+            landed.append(job.wait())
+            continue
+        assert code == 0, log.read_text()[-3000:]
+    assert len(set(kills)) >= 4, f"kills at {stops} landed at the checkpoints of steps {kills}: not spread over the run"
     assert all(code == -signal.SIGKILL for code in landed)
     resumed = json.loads((run / "results.json").read_text())
     assert resumed["steps"] == straight["steps"]
@@ -116,7 +140,7 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_same_metrics(data_dir
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "valid"]
     assert steps == sorted(set(steps)) == list(range(3, straight["steps"] + 1, 3))
-    assert not list(run.glob(".*")), "a staging or previous checkpoint left behind"
+    assert [p.name for p in run.glob(".*")] == [".distrec-output.json"], "a staging or previous checkpoint left behind"
 
 
 def test_init_from_continues_on_a_grown_catalog(data_dir, tmp_path):
@@ -150,9 +174,12 @@ def test_incompatible_dataset_and_existing_run(cli, data_dir, tmp_path):
     code, err = cli("train", "--no-progress", f"data.dir={old}", f"run.dir={tmp_path / 'r'}")
     assert code == 2 and "prepare the data again" in err
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "r" / "config.yaml").write_text("seed: 0\n")  # a config, not a run
+    code, err = cli("train", "--no-progress", f"data.dir={data_dir}", f"run.dir={tmp_path / 'r'}", "run.overwrite=true")
+    assert code == 2 and "not written by distrec" in err
+    (tmp_path / "r" / "metrics.jsonl").write_text("")  # a run of an older distrec, stopped before a checkpoint
     code, err = cli("train", "--no-progress", f"data.dir={data_dir}", f"run.dir={tmp_path / 'r'}")
-    assert code == 2 and "already holds a run" in err
+    assert code == 2 and "already holds a run that stopped before its first checkpoint" in err
     code, err = cli("train", "--no-progress", "--resume", f"data.dir={data_dir}", f"run.dir={tmp_path / 'x'}")
     assert code == 2 and "no checkpoint to resume from" in err
 
