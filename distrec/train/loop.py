@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 import yaml
@@ -138,7 +138,8 @@ def mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # emulated bf16 (pre-Ampere GPUs) counts as unsupported: it is slower than fp16 there
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "no"
 
 
@@ -188,11 +189,23 @@ def _check_launch(on_gpu: bool) -> None:
                           "and MULTI_CPU configs start one process)")
 
 
-def _fill_deepspeed(plugin, cfg: TrainConfig, world: int, model) -> None:
+def _fill_deepspeed(plugin, cfg: TrainConfig, world: int, model, precision: str = "no") -> None:
     """Fill the DeepSpeed config's "auto" values accelerate cannot fill itself (it takes them
     from a prepared DataLoader and an HF model's config; distrec has neither) and refuse what
-    distrec cannot honour."""
+    distrec cannot honour.
+
+    Mixed precision runs as DeepSpeed's `torch_autocast` (fp32 master weights, products in
+    bf16/fp16 inside the engine's forward), never as its `bf16`/`fp16` modes: those cast the
+    model's parameters (and, in DeepSpeed 0.19.0-0.19.1, its buffers) to 16 bits, after which
+    distrec's fp32 pieces outside the engine's forward failed at the first step or validation
+    (the pooled-cache write, the projection of fp32 rows, the catalog table into the user
+    tower). A JSON asking for `bf16.enabled: true` gets the same, as torch_autocast."""
     conf = plugin.deepspeed_config
+    asked = {dtype for dtype in ("bf16", "fp16") if str((conf.get(dtype) or {}).get("enabled")).lower() == "true"}
+    half = precision if precision in ("bf16", "fp16") else (sorted(asked)[0] if asked else None)
+    conf["bf16"], conf["fp16"] = {"enabled": False}, {"enabled": False}
+    if half:
+        conf["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[half]}
     for section in ("optimizer", "scheduler"):
         if section in conf:
             raise ConfigError(f"the DeepSpeed config has an {section!r} section: distrec brings its own AdamW "
@@ -246,7 +259,10 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         _check_launch(on_gpu)
         self.deepspeed = deepspeed_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        handlers = []
+        self.precision = mixed_precision(cfg.train.mixed_precision)
+        # DDP would re-send the buffers (the catalog's tokens and pooled cache: GBs at catalog scale)
+        # from rank 0 on every forward; they are kept equal on every rank by _share_live_rows
+        handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # gloo on CPU (no NCCL there); DISTREC_DIST_TIMEOUT short in tests so a hang fails fast
             handlers.append(InitProcessGroupKwargs(
@@ -255,9 +271,9 @@ class Trainer:
         self.accelerator = Accelerator(
             # without a GPU: cpu=True makes a multi-process launch one gloo DDP world (accelerate's
             # own CPU launch modes start a single process); DeepSpeed must not get it (it would be
-            # dropped) and runs fp32 on CPU
+            # dropped). Under DeepSpeed mixed precision is its torch_autocast (_fill_deepspeed)
             cpu=not on_gpu and not self.deepspeed, deepspeed_plugin=deepspeed_plugin,
-            mixed_precision="no" if self.deepspeed and not on_gpu else mixed_precision(cfg.train.mixed_precision),
+            mixed_precision="no" if self.deepspeed else self.precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.trackers or None, project_dir=str(self.run_dir), kwargs_handlers=handlers)
         set_seed(cfg.seed)
@@ -283,7 +299,7 @@ class Trainer:
             self._set_objective(torch.tensor(self.items["train_count"].to_numpy()),
                                 cfg.train.batch_size * cfg.model.max_len)
             if plugin is not None:
-                _fill_deepspeed(plugin, cfg, acc.num_processes, self.model)
+                _fill_deepspeed(plugin, cfg, acc.num_processes, self.model, self.precision)
             if plugin is not None and _offloads_optimizer(plugin):
                 # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam (built on first use)
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -530,10 +546,18 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # -- evaluation ----------------------------------------------------------------------
+    def _autocast(self):
+        """Mixed precision outside the training forward (catalog encoding, validation): the
+        whole catalog through the backbone is the dominant cost on a GPU. Under DeepSpeed
+        accelerate's autocast does nothing, so torch's own."""
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.accelerator.device.type, dtype=half or torch.float32, enabled=half is not None)
+
     def _table(self) -> torch.Tensor:
         if self.learns_text or (self.model.uses_text and self.state.global_step == 0):
-            self.model.refresh_cache(self.cfg.train.eval_batch_size)
-        with torch.no_grad(), self.accelerator.autocast():
+            with self._autocast():
+                self.model.refresh_cache(self.cfg.train.eval_batch_size)
+        with torch.no_grad(), self._autocast():
             return self.model.item_table().float()
 
     def _validate(self) -> dict:
@@ -725,8 +749,19 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad()
         if live is not None:
-            model.pooled_cache[live] = live_pooled.detach().float()
+            self._share_live_rows(live, live_pooled.detach().float())
         return float(loss.detach())
+
+    def _share_live_rows(self, live: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Write the step's freshly encoded rows into the pooled cache on every rank, every
+        rank's rows: each cache then holds what one process over the global batch would."""
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            live = acc.gather(acc.pad_across_processes(live, pad_index=-1))
+            pooled = acc.gather(acc.pad_across_processes(pooled))
+            keep = live >= 0
+            live, pooled = live[keep], pooled[keep]
+        self.model.pooled_cache[live] = pooled.to(self.model.pooled_cache.dtype)
 
     def _epochs_done(self) -> int | float:
         """Passes over the training samples (the epoch index alone says 0 after one epoch)."""
@@ -739,8 +774,9 @@ class Trainer:
         acc.wait_for_everyone()
         best = load_model(self.run_dir / "best", self.items, self.run_dir / "tokenizer").to(acc.device)
         best.eval()
-        best.refresh_cache(self.cfg.train.eval_batch_size)
-        with torch.no_grad(), acc.autocast():
+        with self._autocast():
+            best.refresh_cache(self.cfg.train.eval_batch_size)
+        with torch.no_grad(), self._autocast():
             table = best.item_table().float()
         cold = self.test["cold_target"].to_numpy()
         test = evaluate(best, self.test, table, acc, self.cfg.train.eval_batch_size, {"cold": cold, "warm": ~cold})
