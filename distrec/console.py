@@ -17,6 +17,11 @@ VERBOSE_ENV = "DISTREC_VERBOSE"
 LIBRARIES = r"(transformers|torch|deepspeed|ray|accelerate|peft|webdataset|numba|pyarrow|pandas|huggingface_hub)(\..*)?$"
 
 
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0",
+             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
@@ -30,13 +35,15 @@ def quiet(verbose_asked: bool = False) -> None:
     if verbose_asked:
         os.environ[VERBOSE_ENV] = "1"
     if verbose():
+        # a verbose process started by a quiet one (a test, a wrapper) must not inherit its silence
+        for key, value in QUIET_ENV.items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
+        warnings.simplefilter("default")
         return
     # environment first: read at import by these libraries, and inherited by the processes
     # that `accelerate launch` and Ray start
-    for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"
-                       }.items():
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

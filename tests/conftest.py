@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,16 @@ class Prepared:
     def user_row(self, frame: pd.DataFrame, user_id: str):
         index = int(self.users.set_index("user_id")["index"][user_id])
         return frame.set_index("user").loc[index]
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """The CLI run in-process sets environment variables (distrec.console.quiet, for the
+    processes it starts); a later test's subprocesses must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
