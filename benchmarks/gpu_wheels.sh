@@ -14,5 +14,5 @@ DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w "$out" "deepspeed==$(
 pip download --no-deps -d "$out" --python-version 3.12 --only-binary=:all: \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   "pydantic==$(.venv/bin/python -c 'import pydantic; print(pydantic.VERSION)')" pydantic-core annotated-types \
-  typing-inspection hjson "webdataset==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("webdataset"))')" braceexpand
+  typing-inspection typing-extensions hjson "webdataset==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("webdataset"))')" braceexpand
 du -sh "$out"; ls "$out"
