@@ -182,6 +182,9 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--max-loss", type=float, default=0.02, help="--sweep: accuracy loss allowed (relative)")
     p.add_argument("--category-level", type=int, default=-1, help="which entry of an item's categories counts")
     p.add_argument("--overwrite", action="store_true", help="replace a report that distrec evaluate wrote there")
+    p.add_argument("--similarity", choices=("model", "text", "category"), default="model",
+                   help="with --run: ILD's notion of alike - the run's item vectors (model), its item tower's text "
+                        "embeddings (text: a text run), or the category (category)")
 
 
 def run_evaluate(args) -> int:
@@ -200,7 +203,8 @@ def run_evaluate(args) -> int:
         return 0
     if args.recs is None:
         raise ConfigError("--recs is required (or --sweep with --run)")
-    result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level, overwrite=args.overwrite)
+    result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level, overwrite=args.overwrite,
+                         similarity=args.similarity)
     for warning in result.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     from distrec.report import main_k, number

@@ -227,7 +227,7 @@ def _kept_sweep(out: Path, data_dir: Path, run: Path | None, warnings: list[str]
 
 
 def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None, category_level: int = -1,
-             overwrite: bool = False, keep_sweep: bool = False) -> dict:
+             overwrite: bool = False, keep_sweep: bool = False, similarity: str = "model") -> dict:
     """Metrics and report of the lists in `recs_dir` (a distrec score output) on `data_dir`'s
     test users, written into `out`. Refuses, before writing anything, an `out` holding an
     earlier report without `overwrite`, lists made from another dataset, an unfinished or
@@ -249,19 +249,23 @@ def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None,
     if run is not None:
         from distrec.config import load_config
         from distrec.score.config import ScoreConfig
-        from distrec.score.job import catalog_and_popularity
+        from distrec.score.job import catalog_vectors
 
         scored_with = (_job_inputs(recs_dir).get("checkpoint_sha256"), about.get("run"))
         if scored_with[0] and (run / "best").is_dir() and fingerprint_dir(run / "best") != scored_with[0]:
             warnings.append(f"ILD is measured with the item vectors of {run}, not of the run the lists were scored "
                             f"with ({scored_with[1]}: another checkpoint)")
-        cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out)})
-        vectors = torch.tensor(np.array(catalog_and_popularity(cfg, data["items"])[0]))
+        cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
+                                                         "category_level": category_level})
+        table, _, similar = catalog_vectors(cfg, data["items"], similarity)
+        # ILD's "alike": the run's item vectors, or (similarity=text) its text embeddings
+        vectors = torch.tensor(np.array(table if similarity == "model" else similar))
     result = evaluate_lists(recs, data, vectors)
     result["warnings"] = warnings + result["warnings"]
     result["about"] = {"recs": str(recs_dir.resolve()), "job": about["job"], "parts": about["parts"],
                        "policy": about["policy"], "data": str(data_dir.resolve()),
                        "run": str(run.resolve()) if run is not None else None, "scored_with_run": about["run"],
+                       "ild_similarity": similarity if run is not None else None,
                        "dataset_manifest_sha256": _dataset_sha(data_dir)}
     sweep_result = _kept_sweep(out, data_dir, run, result["warnings"]) if keep_sweep and replacing else None
     if replacing:

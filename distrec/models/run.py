@@ -34,7 +34,7 @@ from distrec.config import ConfigError, from_dict
 from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
 from distrec.models.config import ModelConfig, PeftConfig
 from distrec.models.peft_methods import apply_peft, load_backbone_weights, save_backbone
-from distrec.models.recommender import Popularity, Recommender
+from distrec.models.recommender import Content, Popularity, Recommender
 from distrec.outputs import fingerprint_dir, fingerprint_file
 
 HEADS = "heads.safetensors"
@@ -89,12 +89,19 @@ def model_settings(model: dict, peft: dict) -> dict:
     flat = {f"model.{k}": v for k, v in (model or {}).items() if k != "trust_remote_code"}
     if flat.get("model.item_repr") in ("id", "popularity"):
         return {k: v for k, v in flat.items() if k not in TEXT_ONLY_KEYS}
+    if flat.get("model.item_repr") == "content":  # its backbone is frozen whatever peft.* says
+        return flat
     return {**flat, **{f"peft.{k}": v for k, v in (peft or {}).items()}}
 
 
 def settings_differ(old: dict, new: dict) -> list[str]:
     """'key old -> new' for every key both hold with different values."""
     return [f"{key} {old[key]} -> {new[key]}" for key in sorted(old) if key in new and old[key] != new[key]]
+
+
+def _tuning(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> PeftConfig:
+    """The content baseline trains nothing: its backbone is frozen whatever peft.method says."""
+    return PeftConfig(method="frozen") if model_cfg.item_repr == "content" else peft_cfg
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFrame, total_steps: int,
@@ -108,9 +115,11 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFram
         return Recommender(model_cfg, len(items)), None
     if backbone is None:
         backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code, model_cfg.backbone_dropout)
-        backbone = apply_peft(backbone, peft_cfg, total_steps)
+        backbone = apply_peft(backbone, _tuning(model_cfg, peft_cfg), total_steps)
     tokens, lengths = tokenize_catalog(tokenizer, items["text"].tolist(), model_cfg.max_text_tokens)
     pooling = pooling_for(backbone.base_model if hasattr(backbone, "peft_config") else backbone, model_cfg.pooling)
+    if model_cfg.item_repr == "content":
+        return Content(model_cfg, len(items), backbone, tokens, lengths, pooling), tokenizer
     seen = torch.tensor(items["train_count"].to_numpy() > 0) if "train_count" in items else None
     return Recommender(model_cfg, len(items), backbone, tokens, lengths, pooling, seen), tokenizer
 
@@ -132,7 +141,7 @@ def save_model(model: Recommender, directory: Path, peft_cfg: PeftConfig, item_i
     if model.uses_text:
         backbone_state = None if state is None else {k[len("backbone."):]: v for k, v in state.items()
                                                      if k.startswith("backbone.")}
-        save_backbone(model.backbone, peft_cfg.method, staging, backbone_state)
+        save_backbone(model.backbone, _tuning(model.cfg, peft_cfg).method, staging, backbone_state)
     (staging / MODEL_JSON).write_text(json.dumps({
         "model": asdict(model.cfg), "peft": asdict(peft_cfg), "num_items": model.num_items,
         "pooling": getattr(model, "pooling", None), "item_ids": list(item_ids)}))
@@ -169,7 +178,7 @@ def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokeniz
         if tokenizer_dir is not None and Path(tokenizer_dir).exists():
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        backbone = load_backbone_weights(backbone, peft_cfg.method, directory)
+        backbone = load_backbone_weights(backbone, _tuning(model_cfg, peft_cfg).method, directory)
     model, tokenizer = build_model(model_cfg, peft_cfg, items, 1, backbone, tokenizer)
     model.tokenizer = tokenizer  # for callers that save it beside a continued run
     heads = _load_heads(directory)

@@ -24,6 +24,10 @@ class PolicyConfig:
         "over-cap ones to fill the list, and summary.json reports the share reached (exposure.max_item_share) "
         "and those users (exposure.users_filled_over_cap)", default=0.5)
     window: int = doc("dpp: sliding window (0 = the whole list)", default=0)
+    similarity: Literal["model", "text", "category"] = doc(
+        "mmr and dpp: what makes two items alike - 'model': the cosine of their item vectors; 'text': the "
+        "cosine of the item tower's text embeddings (pooled backbone output; a text run only): two lipsticks "
+        "are alike whatever their histories; 'category': the same category (category_level)", default="model")
 
     def __post_init__(self):
         s = self.strength
@@ -49,6 +53,12 @@ class ScoreConfig:
     k: int = doc("items per final list; shorter for a user with fewer unseen items (seen items are never "
                  "recommended; summary.json counts them as short_lists)", default=20)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    new_item_slots: int = doc(
+        "lists hold at least this many new items (items with no training interaction: cold ones) within their "
+        "first `new_item_rank` positions; where the list (after the policy) has fewer, the user's best-scored "
+        "unseen new items are put there and the rest move down (0 = off)", default=0)
+    new_item_rank: int = doc("new_item_slots: the positions they are reserved in (the first N of each list)",
+                             default=10)
     batch_size: int = doc("users per block (one Parquet part each)", default=1024)
     actors: int = doc("scoring actors (0 = one per node, each with the node's CPUs as threads; "
                       "at most the number of blocks; policy exposure: always one, so its cap holds across the job)",
@@ -72,5 +82,7 @@ class ScoreConfig:
     def __post_init__(self):
         if self.k < 1 or self.candidates < self.k:
             raise ValueError("k >= 1 and candidates >= k required")
+        if self.new_item_slots < 0 or self.new_item_rank < 1 or self.new_item_slots > min(self.new_item_rank, self.k):
+            raise ValueError("new_item_slots must be in [0, min(new_item_rank, k)] and new_item_rank >= 1")
         if self.batch_size < 1 or self.actors < 0:
             raise ValueError("batch_size >= 1 and actors >= 0 required")

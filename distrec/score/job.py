@@ -100,7 +100,7 @@ class BlockScorer:
     """Scores blocks of users and writes their parts; constructed once per Ray actor."""
 
     def __init__(self, cfg_dict: dict, catalog: np.ndarray, popularity: np.ndarray, device: str = "cpu",
-                 job: str | None = None):
+                 job: str | None = None, similar: np.ndarray | None = None):
         from distrec.config import from_dict
 
         self.cfg = from_dict(ScoreConfig, cfg_dict)
@@ -114,9 +114,17 @@ class BlockScorer:
             import ray
 
             catalog, popularity = ray.get(catalog), ray.get(popularity)
+            similar = None if similar is None else ray.get(similar)
         self.table = torch.from_numpy(np.array(catalog))
         self.popularity = torch.from_numpy(np.array(popularity))
         self.categories, self.category_names = primary_categories(self.items, self.cfg.category_level)
+        # what mmr and dpp call alike (policy.similarity): the item vectors, or the given ones
+        self.similar = self.table if similar is None else torch.from_numpy(np.array(similar))
+        # new items (no training interaction), for new_item_slots: their indices, and each item's place among them
+        counts = self.items["train_count"].to_numpy() if "train_count" in self.items else np.ones(len(self.items))
+        self.new_items = torch.from_numpy(np.flatnonzero(counts == 0))
+        self.new_place = torch.full((len(self.items),), -1, dtype=torch.long)
+        self.new_place[self.new_items] = torch.arange(len(self.new_items))
         self.model = load_model(Path(self.cfg.run) / "best", self.items, Path(self.cfg.run) / "tokenizer")
         # on a GPU actor (Ray sets CUDA_VISIBLE_DEVICES to its GPU) the user tower and the
         # product run there; re-ranking and the parts stay on the CPU with the lists
@@ -164,6 +172,10 @@ class BlockScorer:
     def candidates(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(relevance (B, N), candidates (B, N), users with an empty history): each user's top-N
         of the whole catalog, seen items excluded; the most popular items for empty histories."""
+        relevance, candidates, empty, _ = self._candidates(histories)
+        return relevance, candidates, empty
+
+    def _candidates(self, histories: list):
         cfg = self.cfg
         history = left_pad(histories, 0)
         empty = torch.tensor([len(h) == 0 for h in histories])
@@ -178,25 +190,55 @@ class BlockScorer:
         if empty.any():  # nothing to go on: the most popular items
             pop, pop_items = self.popularity.float().topk(min(cfg.candidates, len(self.popularity)))
             relevance[empty], candidates[empty] = pop, pop_items
-        return relevance, candidates, int(empty.sum())
+        return relevance, candidates, int(empty.sum()), user_vectors
+
+    @torch.no_grad()
+    def reserve_new_items(self, items: torch.Tensor, relevance: torch.Tensor, user_vectors: torch.Tensor,
+                          histories: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """`new_item_slots`: each list (B, k) gets at least that many new items within its first
+        `new_item_rank` positions. The user's best-scored new items, unseen and not yet listed,
+        go in at the end of that window; the items they displace move down (the last drop off)."""
+        slots, window, k = self.cfg.new_item_slots, min(self.cfg.new_item_rank, self.cfg.k), items.shape[1]
+        if not slots or not len(self.new_items):
+            return items, relevance
+        scores = (user_vectors.float() @ self.device_table[self.new_items.to(self.device)].float().T).cpu()
+        place = self.new_place[items]
+        shown = (place >= 0) & ~torch.isneginf(relevance)
+        for row, history in enumerate(histories):
+            seen = self.new_place[torch.as_tensor(np.asarray(history, dtype=np.int64))] if len(history) else place[row, :0]
+            for hidden in (seen, place[row][shown[row]]):
+                scores[row, hidden[hidden >= 0]] = -torch.inf
+        need = (slots - shown[:, :window].sum(1)).clamp(min=0)
+        best, picks = scores.topk(min(slots, scores.shape[1]), dim=1)
+        items, relevance = items.clone(), relevance.clone()
+        for row in torch.nonzero(need).flatten().tolist():
+            chosen = [j for j in range(int(need[row])) if not torch.isneginf(best[row, j])]
+            if not chosen:
+                continue
+            cut = window - len(chosen)
+            new_ids = self.new_items[picks[row, chosen]]
+            items[row] = torch.cat([items[row, :cut], new_ids, items[row, cut:]])[:k]
+            relevance[row] = torch.cat([relevance[row, :cut], best[row, chosen].to(relevance.dtype), relevance[row, cut:]])[:k]
+        return items, relevance
 
     @torch.no_grad()
     def recommend(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(items (B, k), relevance (B, k), users with an empty history) for a list of histories.
         A user with fewer than k unseen candidates has -inf relevance at the end of its row:
         padding (a seen item), never to be shown (score_block drops it)."""
-        relevance, candidates, empty = self.candidates(histories)
+        relevance, candidates, empty, users = self._candidates(histories)
         picks = self.rerank(relevance, candidates, histories)
-        return candidates.gather(1, picks), relevance.gather(1, picks), empty
+        items, relevance = self.reserve_new_items(candidates.gather(1, picks), relevance.gather(1, picks), users, histories)
+        return items, relevance, empty
 
     def rerank(self, relevance, candidates, histories, filled: torch.Tensor | None = None) -> torch.Tensor:
         p, k = self.cfg.policy, self.cfg.k
         if p.name == "none":
             return diversity.top_k(relevance, k)
         if p.name == "mmr":
-            return diversity.mmr(relevance, self.table[candidates], k, p.strength)
+            return diversity.mmr(relevance, self.similar[candidates], k, p.strength)
         if p.name == "dpp":
-            return diversity.dpp(relevance, self.table[candidates], k, p.strength, p.window)
+            return diversity.dpp(relevance, self.similar[candidates], k, p.strength, p.window)
         cats = self.categories[candidates]
         if p.name == "category_cap":
             return diversity.category_cap(relevance, cats, k, int(p.strength))
@@ -210,10 +252,11 @@ class BlockScorer:
         """Score one block and write its part; returns the part's record (PART_KEY)."""
         users = self.block_users(block)
         histories = list(users["history"])
-        relevance, candidates, empty = self.candidates(histories)
+        relevance, candidates, empty, user_vectors = self._candidates(histories)
         filled = torch.zeros(len(users), dtype=torch.bool)
         picks = self.rerank(relevance, candidates, histories, filled)
-        items, relevance = candidates.gather(1, picks), relevance.gather(1, picks)
+        items, relevance = self.reserve_new_items(candidates.gather(1, picks), relevance.gather(1, picks),
+                                                  user_vectors, histories)
         n, k = items.shape
         # -inf relevance is padding (a seen item: the user has fewer unseen candidates than
         # k); every policy puts it last, so dropping it leaves each list shorter, in order
@@ -436,15 +479,37 @@ def _open_out(cfg: ScoreConfig, out: Path) -> tuple[str, dict]:
 def catalog_and_popularity(cfg: ScoreConfig, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """The catalog's item vectors, embedded once (batched through the item tower), on the
     driver's GPU when it has one and `device` allows: a text catalog is most of the work."""
+    table, popularity, _ = catalog_vectors(cfg, items)
+    return table, popularity
+
+
+def catalog_vectors(cfg: ScoreConfig, items: pd.DataFrame, similarity: str | None = None):
+    """(item vectors, popularity, similarity vectors or None) of the catalog. `similarity`
+    (default: policy.similarity): 'text' = the item tower's pooled text, L2-normalised;
+    'category' = one-hot primary categories (alike = same category); 'model' = None (the
+    item vectors themselves)."""
+    similarity = similarity or cfg.policy.similarity
     model = load_model(Path(cfg.run) / "best", items, Path(cfg.run) / "tokenizer")
+    if similarity == "text" and not getattr(model, "uses_text", False):
+        raise ConfigError(f"similarity=text: run {cfg.run} has no text item tower (model.item_repr="
+                          f"{model.cfg.item_repr}); use similarity=model or category, or a text run")
     if cfg.device != "cpu" and torch.cuda.is_available():
         model.to("cuda")
     model.eval()
     with torch.no_grad():
         model.refresh_cache()
         table = model.item_table().float().cpu().numpy()
+        similar = None
+        if similarity == "text":
+            similar = torch.nn.functional.normalize(model.pooled_cache.float(), dim=-1).cpu().numpy()
+    if similarity == "category":
+        categories, names = primary_categories(items, cfg.category_level)
+        categories = np.asarray(categories)
+        similar = np.zeros((len(items), max(len(names), 1)), dtype=np.float32)
+        has = categories >= 0  # an item without a category is alike no other
+        similar[np.flatnonzero(has), categories[has]] = 1.0
     popularity = np.log1p(items["train_count"].to_numpy().astype(np.float32))
-    return table, popularity
+    return table, popularity, similar
 
 
 def actor_layout(node_cpus: list[int], blocks: int, asked: int, one: bool) -> tuple[int, int]:
@@ -505,7 +570,7 @@ def _init_ray(cfg: ScoreConfig, loud: bool) -> None:
 
 
 def _run_blocks(cfg: ScoreConfig, job: str, todo: list[int], table: np.ndarray, popularity: np.ndarray,
-                loud: bool) -> tuple[list[dict], int]:
+                loud: bool, similar: np.ndarray | None = None) -> tuple[list[dict], int]:
     """Score the blocks `todo` on Ray; (one result row per block, actors)."""
     import ray
     from tqdm.auto import tqdm
@@ -535,7 +600,8 @@ def _run_blocks(cfg: ScoreConfig, job: str, todo: list[int], table: np.ndarray, 
         warnings.simplefilter("ignore", DeprecationWarning)
         done = dataset.map_batches(
             BlockScorer, fn_constructor_args=(to_dict(cfg), ray.put(table), ray.put(popularity),
-                                              "cuda" if on_gpus else "cpu", job),
+                                              "cuda" if on_gpus else "cpu", job,
+                                              None if similar is None else ray.put(similar)),
             batch_size=group, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads,
             num_gpus=1 if on_gpus else 0, runtime_env={"env_vars": env},
             # on a local Ray a dead actor (killed for memory, say) is not restarted: the job
@@ -573,10 +639,10 @@ def score(cfg: ScoreConfig) -> dict:
     results = {"block": [], "users": [], "empty": [], "seconds": []}
     actors, embed_seconds = 0, 0.0
     if todo:
-        table, popularity = catalog_and_popularity(cfg, items)
+        table, popularity, similar = catalog_vectors(cfg, items)
         embed_seconds = time.perf_counter() - started
         with _ray_output(loud):
-            rows, actors = _run_blocks(cfg, job, todo, table, popularity, loud)
+            rows, actors = _run_blocks(cfg, job, todo, table, popularity, loud, similar)
         for row in rows:
             if row["error"]:
                 _raise_actor_error(str(row["error"]))

@@ -287,13 +287,21 @@ class Trainer:
         steps_per_epoch = len(self.dataset) // cfg.train.grad_accum
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * max(steps_per_epoch, 1)
         self.model, self.tokenizer = self._model(init_from)
+        self._cache_fresh = False
+        if getattr(self.model, "needs_fit", False) and not resume:
+            # before the optimizer and any engine exist: the fit changes buffers (and with
+            # content_init the projection), which a ZeRO engine's fp32 master copy would not see
+            self.model.to(acc.device)
+            with self._autocast():
+                self.model.fit_whitening(cfg.train.eval_batch_size)
+            self._cache_fresh = True
         trainable, total = count_parameters(self.model)
         self.parameters = {"trainable": trainable, "total": total,
                            "backbone_trainable": count_parameters(self.model.backbone)[0] if self.model.uses_text else 0}
         plugin = acc.state.deepspeed_plugin if self.deepspeed else None
-        if trainable == 0:  # the popularity baseline: nothing to optimise, evaluate as is
+        if trainable == 0:  # the popularity and content baselines: nothing to optimise, evaluate as is
             if plugin is not None:
-                raise ConfigError("model.item_repr=popularity has nothing to train: run it without DeepSpeed")
+                raise ConfigError(f"model.item_repr={cfg.model.item_repr} has nothing to train: run it without DeepSpeed")
             self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model), None, None
         else:
             self._set_objective(torch.tensor(self.items["train_count"].to_numpy()),
@@ -459,7 +467,7 @@ class Trainer:
     def _check_item_text(self) -> None:
         """A text model on items without text ranks them by nothing: tied scores as results."""
         repr_ = self.cfg.model.item_repr
-        if repr_ not in ("text", "text+id"):
+        if repr_ not in ("text", "text+id", "content"):
             return
         texts = self.items["text"].fillna("").astype(str).str.strip() if "text" in self.items else None
         empty = 1.0 if texts is None or len(texts) == 0 else float((texts == "").mean())
@@ -655,8 +663,9 @@ class Trainer:
                    "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
                    "mixed_precision": acc.mixed_precision, "total_steps": self.total_steps,
                    "steps_per_epoch": len(self.dataset), **{f"params/{k}": v for k, v in self.parameters.items()}})
-        if self.model.uses_text:
-            self.model.refresh_cache(cfg.train.eval_batch_size)
+        if self.model.uses_text and not (self._cache_fresh and not self.resume):
+            with self._autocast():
+                self.model.refresh_cache(cfg.train.eval_batch_size)
         started = time.perf_counter()
         self._seconds_before = s.seconds
         if self.optimizer is None:

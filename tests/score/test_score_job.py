@@ -430,3 +430,77 @@ def test_help_config_states_every_policy_strength_range_and_the_exposure_guarant
                  "exposure: largest share of the job's users one item may reach, in (0, 1]",
                  "ceil(strength x users) lists per item across the whole job", "exposure.max_item_share"):
         assert said in line, said
+
+
+@pytest.mark.parametrize("slots, window", [(1, 10), (2, 5)])
+def test_new_item_slots_match_a_plain_reference(trained, tmp_path, slots, window):
+    """new_item_slots against a per-user reference written from the definition: the list
+    keeps its order, and where its first `window` hold fewer than `slots` new items, the
+    user's best unseen new items (by the model's score) go in at the end of the window."""
+    histories = list(pd.read_parquet(trained / "data" / "test.parquet")["history"])
+    items = pd.read_parquet(trained / "data" / "items.parquet")
+    new = set(items.index[items["train_count"] == 0].tolist())
+    assert len(new) >= 3
+    base = _scorer(trained, tmp_path)
+    cfg = load_config(ScoreConfig, None, [], base={
+        "run": str(trained / "run"), "data": str(trained / "data"), "out": str(tmp_path), "k": 10,
+        "candidates": 40, "new_item_slots": slots, "new_item_rank": window})
+    table, popularity = catalog_and_popularity(cfg, items)
+    scorer = BlockScorer(to_dict(cfg), table, popularity)
+    plain, _, _ = base.recommend(histories)
+    lists, _, _ = scorer.recommend(histories)
+    with torch.no_grad():
+        users = base.model.user_vectors(diversity_left_pad(histories), base.table)
+    changed = 0
+    for row, history in enumerate(histories):
+        listed = plain[row].tolist()
+        have = sum(i in new for i in listed[:window])
+        need = max(0, slots - have)
+        pool = sorted((i for i in new if i not in set(history) and i not in listed),
+                      key=lambda i: -float(users[row] @ base.table[i]))
+        extra = pool[:need]
+        expected = (listed[:window - len(extra)] + extra + listed[window - len(extra):])[:10]
+        assert lists[row].tolist() == expected, row
+        changed += bool(extra)
+        assert sum(i in new for i in lists[row].tolist()[:window]) >= min(slots, have + len(pool))
+    assert changed > 0
+
+
+def diversity_left_pad(histories):
+    from distrec.score.job import left_pad
+
+    return left_pad(histories, 0)
+
+
+def test_category_similarity_makes_mmr_spread_categories(trained, tmp_path):
+    """policy.similarity=category: alike = same category; MMR then spreads the categories of a
+    list (its category ILD rises over the item-vector similarity's)."""
+    from distrec.score.job import catalog_vectors
+
+    histories = list(pd.read_parquet(trained / "data" / "test.parquet")["history"])
+    items = pd.read_parquet(trained / "data" / "items.parquet")
+    lists = {}
+    for similarity in ("model", "category"):
+        cfg = load_config(ScoreConfig, None, [], base={
+            "run": str(trained / "run"), "data": str(trained / "data"), "out": str(tmp_path), "k": 10,
+            "candidates": 40, "policy": {"name": "mmr", "strength": 0.7, "similarity": similarity}})
+        table, popularity, similar = catalog_vectors(cfg, items)
+        if similarity == "category":
+            cats = BlockScorer(to_dict(cfg), table, popularity).categories
+            assert similar.shape == (len(items), int(cats.max()) + 1)
+            assert (similar.sum(1) == (cats >= 0).numpy()).all()
+        lists[similarity] = BlockScorer(to_dict(cfg), table, popularity, similar=similar).recommend(histories)[0]
+    cats = _scorer(trained, tmp_path).categories
+    distinct = {s: sum(len(set(cats[row].tolist())) for row in rows) for s, rows in lists.items()}
+    assert distinct["category"] > distinct["model"]
+
+
+def test_text_similarity_needs_a_text_run(trained, tmp_path):
+    from distrec.config import ConfigError
+    from distrec.score.job import catalog_vectors
+
+    cfg = load_config(ScoreConfig, None, [], base={
+        "run": str(trained / "run"), "data": str(trained / "data"), "out": str(tmp_path),
+        "policy": {"name": "mmr", "similarity": "text"}})
+    with pytest.raises(ConfigError, match="no text item tower"):
+        catalog_vectors(cfg, pd.read_parquet(trained / "data" / "items.parquet"))
