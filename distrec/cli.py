@@ -183,8 +183,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--category-level", type=int, default=-1, help="which entry of an item's categories counts")
     p.add_argument("--overwrite", action="store_true", help="replace a report that distrec evaluate wrote there")
     p.add_argument("--similarity", choices=("model", "text", "category"), default="model",
-                   help="with --run: ILD's notion of alike - the run's item vectors (model), its item tower's text "
-                        "embeddings (text: a text run), or the category (category)")
+                   help="with --run: ILD's notion of alike (and, with --sweep, mmr's and dpp's) - the run's item "
+                        "vectors (model), its item tower's text embeddings (text: a text run), or the category")
 
 
 def run_evaluate(args) -> int:
@@ -194,7 +194,7 @@ def run_evaluate(args) -> int:
         if args.run is None:
             raise ConfigError("--sweep needs --run")
         result = ev.sweep(args.run, args.data, args.out, max_loss=args.max_loss, category_level=args.category_level,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, similarity=args.similarity)
         for name, best in result["best_within_loss"].items():
             print(f"{name:13s} most diverse within {args.max_loss:.0%} NDCG loss: strength {best['ild']['strength']} "
                   f"ILD@10 {best['ild']['ild@10']:.3f}; category coverage {best['category_coverage']['category_coverage@10']:.3f}",

@@ -161,13 +161,16 @@ def _dataset_sha(data_dir: Path) -> str | None:
 
 
 def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 100, max_loss: float = 0.02,
-          category_level: int = -1, policies: dict | None = None, overwrite: bool = False) -> dict:
+          category_level: int = -1, policies: dict | None = None, overwrite: bool = False,
+          similarity: str = "model") -> dict:
     """Every policy over a range of strengths on the test users; the best diversity reached
-    while NDCG@k stays within `max_loss` (relative) of no re-ranking. Writes sweep.json and
-    tradeoff.png into `out`, replacing an earlier evaluate output there only with `overwrite`."""
+    while NDCG@k stays within `max_loss` (relative) of no re-ranking. `similarity` is what
+    alike means both to mmr/dpp and to ILD: the run's item vectors (model), its item tower's
+    text embeddings (text) or the category. Writes sweep.json and tradeoff.png into `out`,
+    replacing an earlier evaluate output there only with `overwrite`."""
     from distrec.config import load_config, to_dict
     from distrec.score.config import PolicyConfig, ScoreConfig
-    from distrec.score.job import BlockScorer, catalog_and_popularity
+    from distrec.score.job import BlockScorer, catalog_vectors
 
     run, data_dir, out = Path(run), Path(data_dir), Path(out)
     replacing = check_output(out, "evaluate", inputs=[run, data_dir], flag="--overwrite", overwrite=overwrite)
@@ -176,21 +179,22 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
     base_cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
                                                           "k": k, "candidates": candidates,
                                                           "category_level": category_level})
-    table, popularity = catalog_and_popularity(base_cfg, items)
+    table, popularity, similar = catalog_vectors(base_cfg, items, similarity)
     histories = list(test["history"])
-    scorer = BlockScorer(to_dict(base_cfg), table, popularity)
+    scorer = BlockScorer(to_dict(base_cfg), table, popularity, similar=similar)
+    ild_vectors = scorer.similar  # ILD's "alike" is the policies' "alike"
     relevance, candidates, _ = scorer.candidates(histories)  # the same candidates for every policy
     targets = torch.tensor(test["target"].to_numpy()).unsqueeze(1)
     points = []
     for name, strengths in [("none", [0.0])] + list((policies or SWEEP).items()):
         for strength in strengths:
-            scorer.cfg.policy = PolicyConfig(name=name, strength=strength)
+            scorer.cfg.policy = PolicyConfig(name=name, strength=strength, similarity=similarity)
             lists = candidates.gather(1, scorer.rerank(relevance, candidates, histories))
             ranks = torch.full((len(test),), float("inf"), dtype=torch.float64)
             hit = lists == targets
             found = hit.any(dim=1)
             ranks[found] = hit[found].float().argmax(dim=1).double() + 1
-            beyond = beyond_accuracy(lists, test["user"].to_numpy(), data, scorer.table)
+            beyond = beyond_accuracy(lists, test["user"].to_numpy(), data, ild_vectors)
             points.append({"policy": name, "strength": strength, f"ndcg@{k}": M.ranking_metrics(ranks, (k,))[f"ndcg@{k}"],
                            **{f"{m}@{k}": beyond[m] for m in ("ild", "ild_category", "category_coverage", "catalog_coverage")}})
     reference = points[0][f"ndcg@{k}"]
@@ -201,6 +205,7 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
             best[name] = {"ild": max(allowed, key=lambda p: p[f"ild@{k}"]),
                           "category_coverage": max(allowed, key=lambda p: p[f"category_coverage@{k}"])}
     result = {"k": k, "max_loss": max_loss, "reference_ndcg": reference, "points": points, "best_within_loss": best,
+              "similarity": similarity,
               "run": str(run.resolve()), "data": str(data_dir.resolve()), "users": len(test)}
     if replacing:
         _replace(out)

@@ -504,3 +504,20 @@ def test_text_similarity_needs_a_text_run(trained, tmp_path):
         "policy": {"name": "mmr", "similarity": "text"}})
     with pytest.raises(ConfigError, match="no text item tower"):
         catalog_vectors(cfg, pd.read_parquet(trained / "data" / "items.parquet"))
+
+
+def test_sweep_measures_and_diversifies_with_the_similarity_asked(trained, tmp_path):
+    """sweep(similarity=category): mmr's "alike" and ILD's are the category; ILD then is the
+    share of list pairs in different categories, and strong MMR raises it."""
+    from distrec.evaluate import sweep
+
+    result = sweep(trained / "run", trained / "data", tmp_path / "sweep", k=10, candidates=40,
+                   policies={"mmr": [0.0, 0.9]}, similarity="category")
+    assert result["similarity"] == "category"
+    none, strong = result["points"][0], result["points"][-1]
+    model = sweep(trained / "run", trained / "data", tmp_path / "sweep-model", k=10, candidates=40,
+                  policies={"mmr": [0.0]})
+    assert none["ndcg@10"] == pytest.approx(model["points"][0]["ndcg@10"])  # the same lists before re-ranking
+    assert none["ild@10"] != pytest.approx(model["points"][0]["ild@10"])  # measured with another "alike"
+    assert strong["ild@10"] > none["ild@10"]
+    assert strong["category_coverage@10"] >= none["category_coverage@10"]
