@@ -128,8 +128,19 @@ def test_dpp(path, seed, batch, n, d, tradeoff, window):
                                                   tradeoff, window)
 
 
-def test_cpu_paths_are_the_compiled_kernels():
-    assert diversity._dpp_cpu is not None and diversity._mmr_cpu is not None, "numba is a dependency"
+def test_cpu_paths_are_the_compiled_kernels(monkeypatch):
+    """mmr and dpp on CPU tensors run the numba kernels (the torch loops only on GPUs): with
+    the torch paths made to fail, the CPU calls still answer, and the kernels hold compiled code."""
+    def torch_path(*args, **kwargs):
+        raise AssertionError("the CPU call took the torch path")
+
+    monkeypatch.setattr(diversity, "_mmr_torch", torch_path)
+    monkeypatch.setattr(diversity, "_dpp_torch", torch_path)
+    gen = torch.Generator().manual_seed(3)
+    relevance, vectors = torch.randn(4, 30, generator=gen), torch.randn(4, 30, 8, generator=gen)
+    assert diversity.mmr(relevance, vectors, 5, 0.3).shape == (4, 5)
+    assert diversity.dpp(relevance, vectors, 5, 0.5).shape == (4, 5)
+    assert diversity._mmr_kernel.signatures and diversity._dpp_kernel.signatures
 
 
 def test_mmr_compiled_and_torch_paths_agree_on_larger_cases():

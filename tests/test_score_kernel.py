@@ -22,9 +22,13 @@ def test_blocked_topk_equals_full_topk(block):
     assert not any(set(items[r].tolist()) & set(history[r].tolist()) for r in range(9))
 
 
-def test_n_larger_than_catalog():
-    scores, items = top_candidates(torch.ones(2, 3), torch.eye(3), 10)
-    assert items.shape == (2, 3)
+def test_n_larger_than_catalog_gives_every_unseen_item_in_order():
+    users = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])
+    scores, items = top_candidates(users, torch.eye(3), 10, torch.tensor([[-1], [2]]))
+    assert items[0].tolist() == [0, 2, 1] and scores[0].tolist() == [3.0, 2.0, 1.0]
+    # user 1 has seen item 2: the last place is the excluded item at -inf, never a seen item ranked as a find
+    assert items[1, :2].tolist() == [1, 0] and scores[1, :2].tolist() == [2.0, 1.0]
+    assert scores[1, 2:].tolist() == [float("-inf")] * (items.shape[1] - 2)
 
 
 def test_faiss_matches_the_kernel():

@@ -35,17 +35,55 @@ def test_a_pickle_posing_as_a_checkpoint_is_refused_and_never_unpickled(tmp_path
     assert not marker.exists()
 
 
-def test_torch_load_as_distrec_uses_it_refuses_pickled_code(tmp_path):
+def _tiny_run(tmp_path, *extra):
+    from distrec.cli import main
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--no-progress", "synthetic.num_users=80",
+                 "synthetic.num_items=30", "synthetic.mean_length=6"]) == 0
+    assert main(["train", "--no-progress", f"data.dir={data}", f"run.dir={run}", "model.item_repr=id", "model.dim=8",
+                 "model.heads=2", "train.max_steps=2", "train.batch_size=16", *extra]) == 0
+    return data, run
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_a_pickle_in_the_resume_state_is_refused_and_never_unpickled(tmp_path, name, capfd):
+    """The resume state (accelerate's optimizer, scheduler and RNG files, read by torch.load)
+    with a pickle that would run code: `distrec train --resume` refuses it in one line."""
+    from distrec.cli import main
+
+    data, run = _tiny_run(tmp_path)
     marker = tmp_path / "code-ran"
-    path = tmp_path / "state.pt"
-    torch.save({"weight": _Payload(str(marker))}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=True)
+    torch.save({"state": _Payload(str(marker))}, run / "last" / name)
+    capfd.readouterr()
+    assert main(["train", "--no-progress", "--resume", f"data.dir={data}", f"run.dir={run}", "model.item_repr=id",
+                 "model.dim=8", "model.heads=2", "train.max_steps=4", "train.batch_size=16"]) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot read the resume state" in errors[0] and str(run / "last") in errors[0]
     assert not marker.exists()
 
 
-def test_remote_code_is_off_unless_asked():
-    assert ModelConfig().trust_remote_code is False
+def test_remote_code_reaches_from_pretrained_only_when_asked(tmp_path, monkeypatch):
+    """What the backbone loader passes to transformers, not the config default: off unless
+    model.trust_remote_code=true (the real from_pretrained runs; the spy only records)."""
+    import transformers
+
+    from distrec.models.backbone import load_backbone
+
+    seen = []
+    for cls in (transformers.AutoModel, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    cfg = ModelConfig()
+    load_backbone(cfg.backbone, cfg.trust_remote_code)
+    assert seen == [False, False]
+    load_backbone(cfg.backbone, True)
+    assert seen[2:] == [True, True]
 
 
 def test_no_tracker_key_is_written_into_a_run(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -655,7 +656,17 @@ class Trainer:
         acc.wait_for_everyone()
         acc.init_trackers("tb", config={k: str(v) for k, v in asdict(cfg).items()})
         if self.resume:
-            acc.load_state(str(self.run_dir / "last"))
+            try:  # accelerate reads the optimizer, scheduler and RNG files with torch.load(weights_only=True)
+                from accelerate.utils import load as weights_only_load
+
+                for rng in (self.run_dir / "last").glob("random_states_*.pkl"):
+                    weights_only_load(rng)  # accelerate itself skips an unreadable RNG file: resume would not be exact
+                acc.load_state(str(self.run_dir / "last"))
+            except pickle.UnpicklingError as e:
+                lines = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+                why = lines[0].split(" was not")[0] if lines else "not plain tensors"
+                raise ConfigError(f"{self.run_dir / 'last'}: cannot read the resume state, refused without running "
+                                  f"it ({why}); distrec did not write these files: train into a new run.dir")
             self.state = s = TrainerState(**json.loads((self.run_dir / "last" / "trainer_state.json").read_text()))
             self._resumed()
         self._log({"event": "start", "step": s.global_step, "world_size": acc.num_processes,
