@@ -88,14 +88,8 @@ def test_remote_code_reaches_from_pretrained_only_when_asked(tmp_path, monkeypat
 
 def test_no_tracker_key_is_written_into_a_run(tmp_path, monkeypatch):
     """Tracker credentials come from the environment only; a run directory never holds them."""
-    from distrec.cli import main
-
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-123")
-    data, run = tmp_path / "data", tmp_path / "run"
-    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--no-progress", "synthetic.num_users=80",
-                 "synthetic.num_items=30", "synthetic.mean_length=6"]) == 0
-    assert main(["train", "--no-progress", f"data.dir={data}", f"run.dir={run}", "model.item_repr=id", "model.dim=8",
-                 "model.heads=2", "train.max_steps=2", "train.batch_size=16"]) == 0
+    _, run = _tiny_run(tmp_path)
     for path in run.rglob("*"):
         if path.is_file():
             assert b"secret-key-123" not in path.read_bytes(), path
