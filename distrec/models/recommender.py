@@ -153,6 +153,17 @@ class TextItems(nn.Module):
             self.pooled_cache[chunk] = self.encode_text(chunk)
         self.backbone.train(was_training)
 
+    @torch.no_grad()
+    def backbone_text(self) -> torch.Tensor:
+        """The catalog's pooled text as the backbone embeds it (N, H): the cache with its
+        whitening undone. Similarity wants this space, where the pretrained encoder's cosine
+        says "two lipsticks"; whitened, every direction weighs the same and cosines sit near 0."""
+        cache = self.pooled_cache.double()
+        if not (self.whiten and bool(self.whitening_fitted)):
+            return cache.float()
+        w = self.text_whitening.double()  # eigenvectors / sqrt(eigenvalue): its inverse is (w / |col|^2)^T
+        return (cache @ (w / w.pow(2).sum(0, keepdim=True)).T + self.text_mean.double()).float()
+
     @property
     def needs_fit(self) -> bool:
         return self.uses_text and self.whiten and not bool(self.whitening_fitted)

@@ -485,7 +485,8 @@ def catalog_and_popularity(cfg: ScoreConfig, items: pd.DataFrame) -> tuple[np.nd
 
 def catalog_vectors(cfg: ScoreConfig, items: pd.DataFrame, similarity: str | None = None):
     """(item vectors, popularity, similarity vectors or None) of the catalog. `similarity`
-    (default: policy.similarity): 'text' = the item tower's pooled text, L2-normalised;
+    (default: policy.similarity): 'text' = the item tower's pooled text as the backbone embeds
+    it (whitening undone), L2-normalised;
     'category' = one-hot primary categories (alike = same category); 'model' = None (the
     item vectors themselves)."""
     similarity = similarity or cfg.policy.similarity
@@ -501,7 +502,7 @@ def catalog_vectors(cfg: ScoreConfig, items: pd.DataFrame, similarity: str | Non
         table = model.item_table().float().cpu().numpy()
         similar = None
         if similarity == "text":
-            similar = torch.nn.functional.normalize(model.pooled_cache.float(), dim=-1).cpu().numpy()
+            similar = torch.nn.functional.normalize(model.backbone_text(), dim=-1).cpu().numpy()
     if similarity == "category":
         categories, names = primary_categories(items, cfg.category_level)
         categories = np.asarray(categories)

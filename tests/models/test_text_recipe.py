@@ -43,6 +43,17 @@ def test_whitening_gives_the_catalog_identity_covariance_and_content_init_its_to
     torch.testing.assert_close(live, model.pooled_cache[[0, 5, 7]], atol=1e-4, rtol=1e-4)
 
 
+def test_backbone_text_undoes_the_whitening(backbone, data_dir):
+    """similarity=text reads the backbone's own pooled text, not the whitened cache."""
+    model = _model(backbone, data_dir, score="cosine", whiten=True, content_init=True)
+    model.refresh_cache()
+    raw = model.pooled_cache.clone()
+    assert torch.equal(model.backbone_text(), raw)  # nothing fitted yet: the cache is the backbone's
+    model.fit_whitening()
+    assert not torch.allclose(model.pooled_cache, raw, atol=1e-2)
+    torch.testing.assert_close(model.backbone_text(), raw, atol=1e-4, rtol=1e-4)
+
+
 def test_cosine_fusion_puts_new_items_on_the_scale_of_known_ones(backbone, data_dir):
     items = _items(data_dir)
     model = _model(backbone, data_dir, score="cosine", id_max_norm=0.5)
