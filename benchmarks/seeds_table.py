@@ -58,7 +58,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for group in args.groups:
-        label, _, dirs = group.partition("=")
+        label, _, dirs = group.rpartition("=")  # a label may hold "=" (train.epochs=40), paths rarely
         rows.append(group_row(label, [Path(d) for d in dirs.split(",") if d]))
     header = "| model | seeds | " + " | ".join(name for name, _, _ in COLUMNS) + " | training wall time |"
     lines = [f"## {args.title}", "", *[f"`{c}`  " for c in args.command], "",
