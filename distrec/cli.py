@@ -15,7 +15,8 @@ from pathlib import Path
 
 from distrec.config import ConfigError, help_text, load_config
 from distrec.console import quiet
-from distrec.data.rows import DataError
+from distrec.formats import DataError
+from distrec.policies import POLICIES
 
 DEMO_TRAIN = {  # configs/train/demo.yaml, inlined so an installed package needs no repo checkout
     "model": {"backbone": "all-MiniLM-L6-v2", "item_repr": "text", "dim": 64, "max_len": 30, "max_text_tokens": 16},
@@ -143,7 +144,7 @@ def _score_parser(sub) -> None:
     p.add_argument("--run", help="a run directory written by distrec train")
     p.add_argument("--data", help="the prepared dataset")
     p.add_argument("--out", help="output directory (Parquet parts; a re-run resumes)")
-    p.add_argument("--policy", help="none | mmr | dpp | category_cap | calibration | exposure")
+    p.add_argument("--policy", help=" | ".join(POLICIES))
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
     p.add_argument("--config", help="a YAML file of score settings")
     p.add_argument("--overwrite", action="store_true", default=None,

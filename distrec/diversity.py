@@ -167,7 +167,7 @@ def category_cap(relevance: torch.Tensor, categories: torch.Tensor, k: int, cap:
     return torch.stack(picks, dim=1)
 
 
-def calibrated(relevance: torch.Tensor, categories: torch.Tensor, profile: torch.Tensor, k: int,
+def calibration(relevance: torch.Tensor, categories: torch.Tensor, profile: torch.Tensor, k: int,
                weight: float, smoothing: float = 0.01) -> torch.Tensor:
     """Calibration to the user's category mix (Steck, RecSys 2018), greedy: each step picks
     argmax (1 - weight) * sum rel(S + i) - weight * KL(p || q~(S + i)), with q the category
@@ -204,7 +204,7 @@ def calibrated(relevance: torch.Tensor, categories: torch.Tensor, profile: torch
     return torch.stack(picks, dim=1)
 
 
-def exposure_capped(relevance: torch.Tensor, items: torch.Tensor, k: int, capacity: int,
+def exposure(relevance: torch.Tensor, items: torch.Tensor, k: int, capacity: int,
                     shown: torch.Tensor, filled: torch.Tensor | None = None) -> torch.Tensor:
     """A catalog-level constraint across users: no item in more than `capacity` lists, as far
     as the candidates allow. Users are served in batch order; each gets its k most relevant
@@ -253,13 +253,10 @@ def category_profile(histories: list, item_categories: torch.Tensor, num_categor
 # vectors stay in L1/L2 for all k steps. No maintained library ships greedy DPP MAP; numba
 # is the maintained tool for compiling such loops. Arithmetic in float64, like the reference.
 
-try:
-    import numba
-    import numpy as np
-except ImportError:  # numba is a dependency, but the torch path is complete without it
-    numba = None
+from distrec.compiled import numba, use_torch_threads  # noqa: E402
 
 if numba is not None:
+    import numpy as np
     _REASSOC = {"reassoc", "contract"}  # lets dot products vectorise; no nnan/ninf: -inf marks taken items
 
     @numba.njit(cache=True)
@@ -405,12 +402,10 @@ if numba is not None:
         vec = vectors.detach()
         return (vec if vec.dtype in (torch.float32, torch.float64) else vec.float()).contiguous().numpy()
 
-    def _use_torch_threads() -> None:  # the same thread budget as torch (Ray actors set it)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
     def _mmr_cpu(relevance: torch.Tensor, vectors: torch.Tensor, k: int, diversity: float) -> torch.Tensor:
         out = np.empty((relevance.shape[0], k), dtype=np.int64)
-        _use_torch_threads()
+        use_torch_threads()
         _mmr_kernel(relevance.detach().double().contiguous().numpy(), _float_vectors(vectors), float(diversity),
                     k, out)
         return torch.from_numpy(out)
@@ -419,7 +414,7 @@ if numba is not None:
                  eps: float) -> torch.Tensor:
         rel = relevance.detach().double().contiguous().numpy()
         out = np.empty((relevance.shape[0], k), dtype=np.int64)
-        _use_torch_threads()
+        use_torch_threads()
         _dpp_kernel(rel, _float_vectors(vectors), tradeoff / (2.0 * (1.0 - tradeoff)), k, int(window), float(eps), out)
         return torch.from_numpy(out)
 else:

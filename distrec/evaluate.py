@@ -26,19 +26,22 @@ import pandas as pd
 import torch
 
 from distrec import metrics as M
+from distrec import policies as P
 from distrec import report
 from distrec.atomic import write_atomic
+from distrec.catalog import catalog_vectors, primary_categories
 from distrec.config import ConfigError
 from distrec.outputs import MARKER, check_output, fingerprint_dir, fingerprint_file, mark_output
 from distrec.recs import read_recommendations
 
-KS = (5, 10, 20)
+KS = M.KS  # the cut-offs of every table (distrec.metrics)
 LENGTH_BUCKETS = ((0, 5), (6, 20), (21, 10**9))
 FEW_USERS = 100  # below this many test users the report warns that its figures are noisy
 
 
-def target_ranks(recs: pd.DataFrame, test: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
-    """Rank (1-based) of each test user's target in their list; +inf if absent."""
+def list_ranks(recs: pd.DataFrame, test: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """Rank (1-based) of each test user's target in their recommended list; +inf if absent
+    (metrics.target_ranks is the rank in a score row over the whole catalog)."""
     item_index = pd.Series(items["index"].to_numpy(), index=items["item_id"])
     user_index = pd.Series(users["index"].to_numpy(), index=users["user_id"])
     r = pd.DataFrame({"user": user_index.reindex(recs["user_id"]).to_numpy(),
@@ -86,8 +89,6 @@ def beyond_accuracy(lists: torch.Tensor, list_users: np.ndarray, data: dict, vec
 
 
 def load_data(data_dir: Path, category_level: int = -1) -> dict:
-    from distrec.score.job import primary_categories
-
     if not (data_dir / "test.parquet").is_file():
         raise ConfigError(f"{data_dir}: not a prepared dataset (no test.parquet)")
     items = pd.read_parquet(data_dir / "items.parquet")
@@ -110,7 +111,7 @@ def evaluate_lists(recs: pd.DataFrame, data: dict, vectors: torch.Tensor | None 
     "warnings" (a list of lines) for what a reader must know to trust the figures."""
     test, users, items = data["test"], data["users"], data["items"]
     list_length = int(recs["rank"].max())
-    ranks = torch.from_numpy(target_ranks(recs, test, users, items))
+    ranks = torch.from_numpy(list_ranks(recs, test, users, items))
     ks = tuple(x for x in KS if x <= list_length) or (list_length,)  # beyond the list the ranking is unknown
     result = {"users": len(test), "users_with_lists": int(recs["user_id"].nunique()), "list_length": list_length,
               "accuracy": M.ranking_metrics(ranks, ks, none_if_empty=True), "warnings": []}
@@ -140,14 +141,6 @@ def evaluate_lists(recs: pd.DataFrame, data: dict, vectors: torch.Tensor | None 
 
 # --- sweep: the accuracy-diversity trade-off of each policy on one run ------------------
 
-SWEEP = {
-    "mmr": [0.0, 0.1, 0.2, 0.3, 0.5, 0.7],
-    "dpp": [0.99, 0.95, 0.9, 0.8, 0.6, 0.4],
-    "category_cap": [10, 5, 3, 2, 1],
-    "calibration": [0.0, 0.2, 0.5, 0.8, 0.95],
-}
-
-
 def _replace(out: Path, keep_sweep: bool = False) -> None:
     """Remove the files of the earlier evaluate output in `out` (check_output said it may be
     replaced): only the names distrec evaluate writes, never anything else."""
@@ -170,7 +163,7 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
     replacing an earlier evaluate output there only with `overwrite`."""
     from distrec.config import load_config, to_dict
     from distrec.score.config import PolicyConfig, ScoreConfig
-    from distrec.score.job import BlockScorer, catalog_vectors
+    from distrec.score.job import BlockScorer  # the job's retrieval, in this process (no Ray)
 
     run, data_dir, out = Path(run), Path(data_dir), Path(out)
     replacing = check_output(out, "evaluate", inputs=[run, data_dir], flag="--overwrite", overwrite=overwrite)
@@ -179,17 +172,19 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
     base_cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
                                                           "k": k, "candidates": candidates,
                                                           "category_level": category_level})
-    table, popularity, similar = catalog_vectors(base_cfg, items, similarity)
+    table, popularity, similar = catalog_vectors(run, items, similarity, category_level)
     histories = list(test["history"])
     scorer = BlockScorer(to_dict(base_cfg), table, popularity, similar=similar)
     ild_vectors = scorer.similar  # ILD's "alike" is the policies' "alike"
     relevance, candidates, _ = scorer.candidates(histories)  # the same candidates for every policy
     targets = torch.tensor(test["target"].to_numpy()).unsqueeze(1)
     points = []
-    for name, strengths in [("none", [0.0])] + list((policies or SWEEP).items()):
+    block = P.Candidates(relevance, candidates, k, similar=scorer.similar, categories=scorer.categories,
+                         num_categories=len(scorer.category_names), histories=histories)
+    for name, strengths in [("none", [0.0])] + list((policies or P.swept()).items()):
         for strength in strengths:
-            scorer.cfg.policy = PolicyConfig(name=name, strength=strength, similarity=similarity)
-            lists = candidates.gather(1, scorer.rerank(relevance, candidates, histories))
+            policy = PolicyConfig(name=name, strength=strength, similarity=similarity)
+            lists = candidates.gather(1, P.rerank(policy, block))
             ranks = torch.full((len(test),), float("inf"), dtype=torch.float64)
             hit = lists == targets
             found = hit.any(dim=1)
@@ -199,7 +194,7 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
                            **{f"{m}@{k}": beyond[m] for m in ("ild", "ild_category", "category_coverage", "catalog_coverage")}})
     reference = points[0][f"ndcg@{k}"]
     best = {}
-    for name in (policies or SWEEP):
+    for name in (policies or P.swept()):
         allowed = [p for p in points if p["policy"] == name and p[f"ndcg@{k}"] >= (1 - max_loss) * reference]
         if allowed:
             best[name] = {"ild": max(allowed, key=lambda p: p[f"ild@{k}"]),
@@ -252,17 +247,11 @@ def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None,
     warnings = list(about.pop("warnings"))
     vectors = None
     if run is not None:
-        from distrec.config import load_config
-        from distrec.score.config import ScoreConfig
-        from distrec.score.job import catalog_vectors
-
         scored_with = (_job_inputs(recs_dir).get("checkpoint_sha256"), about.get("run"))
         if scored_with[0] and (run / "best").is_dir() and fingerprint_dir(run / "best") != scored_with[0]:
             warnings.append(f"ILD is measured with the item vectors of {run}, not of the run the lists were scored "
                             f"with ({scored_with[1]}: another checkpoint)")
-        cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
-                                                         "category_level": category_level})
-        table, _, similar = catalog_vectors(cfg, data["items"], similarity)
+        table, _, similar = catalog_vectors(run, data["items"], similarity, category_level)
         # ILD's "alike": the run's item vectors, or (similarity=text) its text embeddings
         vectors = torch.tensor(np.array(table if similarity == "model" else similar))
     result = evaluate_lists(recs, data, vectors)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from distrec import __version__
 from distrec.config import ConfigError
+from distrec.formats import DATA_FAMILY
 
 MARKER = ".distrec-output.json"
 STAGES = ("prepare", "train", "score", "evaluate")
@@ -28,7 +29,7 @@ STAGES = ("prepare", "train", "score", "evaluate")
 
 def _legacy_prepare(d: Path) -> bool:
     try:
-        return str(json.loads((d / "manifest.json").read_text()).get("format", "")).startswith("distrec-prepared")
+        return str(json.loads((d / "manifest.json").read_text()).get("format", "")).startswith(DATA_FAMILY)
     except (OSError, ValueError, AttributeError):
         return False
 

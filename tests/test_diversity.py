@@ -185,7 +185,7 @@ def test_calibration(seed, batch, n, d, weight):
     profile = torch.rand(batch, 4, generator=gen)
     profile[:, 0] = 0.0  # a category the user never saw
     profile = profile / profile.sum(dim=1, keepdim=True)
-    picks = diversity.calibrated(relevance, categories, profile, 6, weight)
+    picks = diversity.calibration(relevance, categories, profile, 6, weight)
     for b in range(batch):
         assert picks[b].tolist() == calibration_reference(relevance[b].double().numpy(), categories[b].numpy(),
                                                           profile[b].double().numpy(), 6, weight)
@@ -196,7 +196,7 @@ def test_exposure_cap_serves_users_in_order_and_never_exceeds_capacity():
     items = torch.stack([torch.randperm(20, generator=gen)[:10] for _ in range(8)])
     relevance = torch.randn(8, 10, generator=gen)
     shown = torch.zeros(20, dtype=torch.long)
-    picks = diversity.exposure_capped(relevance, items, 3, capacity=2, shown=shown)
+    picks = diversity.exposure(relevance, items, 3, capacity=2, shown=shown)
     reference, counts = [], {}
     for b in range(8):
         order = sorted(range(10), key=lambda i: -relevance[b, i].item())
@@ -220,7 +220,7 @@ def test_strength_zero_is_plain_relevance():
     assert torch.equal(diversity.mmr(relevance, vectors, 5, 0.0), expected)
     assert torch.equal(diversity.category_cap(relevance, categories, 5, 5), expected)
     profile = torch.full((4, 4), 0.25)
-    assert torch.equal(diversity.calibrated(relevance, categories, profile, 5, 0.0), expected)
+    assert torch.equal(diversity.calibration(relevance, categories, profile, 5, 0.0), expected)
 
 
 def test_category_profile():
@@ -237,7 +237,7 @@ PADDED_POLICIES = {
     "dpp_torch": lambda r, v, c, p, k: diversity._dpp_torch(r, v, min(k, r.shape[1]), 0.6, 0, 1e-5),
     "dpp_window": lambda r, v, c, p, k: diversity.dpp(r, v, k, 0.6, 3),
     "category_cap": lambda r, v, c, p, k: diversity.category_cap(r, c, k, 1),
-    "calibration": lambda r, v, c, p, k: diversity.calibrated(r, c, p, k, 0.5),
+    "calibration": lambda r, v, c, p, k: diversity.calibration(r, c, p, k, 0.5),
 }
 
 
@@ -266,7 +266,7 @@ def test_exposure_cap_prefers_full_items_to_padding():
     relevance = torch.tensor([[3.0, float("-inf"), 2.0, 1.0]])
     items = torch.tensor([[0, 1, 2, 3]])
     shown = torch.tensor([0, 0, 5, 5])
-    picks = diversity.exposure_capped(relevance, items, 4, 5, shown)
+    picks = diversity.exposure(relevance, items, 4, 5, shown)
     assert picks[0].tolist() == [0, 2, 3, 1]
 
 
@@ -279,7 +279,7 @@ def test_exposure_cap_counts_only_what_is_shown_and_says_who_was_filled_over_it(
     items = torch.tensor([[0, 1, 2, 3], [0, 3, 1, 2], [0, 1, 2, 3]])
     shown = torch.tensor([0, 0, 1, 0])
     filled = torch.zeros(3, dtype=torch.bool)
-    picks = diversity.exposure_capped(relevance, items, 3, 1, shown, filled)
+    picks = diversity.exposure(relevance, items, 3, 1, shown, filled)
     # user 0: items 0 and 3 are free, item 2 full; the padded item 1 is left out of the counts
     # user 1: items 3 and 0 are full now, so it is filled over the cap; its padding stays last
     # user 2: only item 1 is free (it was padding so far), then the most relevant full ones
@@ -288,5 +288,5 @@ def test_exposure_cap_counts_only_what_is_shown_and_says_who_was_filled_over_it(
     assert filled.tolist() == [True, True, True]
     shown = torch.zeros(4, dtype=torch.long)
     filled = torch.ones(1, dtype=torch.bool)
-    diversity.exposure_capped(relevance[:1], items[:1], 2, 1, shown, filled)
+    diversity.exposure(relevance[:1], items[:1], 2, 1, shown, filled)
     assert not filled.item() and shown.tolist() == [1, 0, 1, 0]

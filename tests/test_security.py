@@ -105,7 +105,7 @@ def test_reading_a_hostile_shard_writes_no_file_anywhere(tmp_path, monkeypatch):
     import json
     import tarfile
 
-    from distrec.data.rows import DataError
+    from distrec.formats import DataError
     from distrec.data.shards import ShardedSamples
 
     data = tmp_path / "data"

@@ -28,7 +28,7 @@ from distrec.config import save_config, to_dict
 from distrec.data import readers, synthetic
 from distrec.data.config import PrepareConfig
 from distrec.data.process import Dataset, build
-from distrec.data.rows import DataError
+from distrec.formats import DATA_FORMAT, DataError
 from distrec.data.shards import write_shards
 from distrec.outputs import check_output, mark_output
 
@@ -111,7 +111,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         _write_parquet(data.val, staging / "val.parquet", EVAL_SCHEMA)
         _write_parquet(data.test, staging / "test.parquet", TEST_SCHEMA)
         manifest = {
-            "format": "distrec-prepared/1",
+            "format": DATA_FORMAT,
             "distrec_version": __version__,
             "source": cfg.source,
             "num_users": len(data.users),

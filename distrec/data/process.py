@@ -112,6 +112,8 @@ def _time_split(seq: np.ndarray, times: np.ndarray, t_val: float, t_test: float)
 
 
 def build(source: SourceData, cfg: PrepareConfig) -> Dataset:
+    """The prepared dataset of `source`: filtered (counts recorded per step), ids mapped to
+    vocabularies, split leave-one-out or by time as `cfg` says."""
     steps = {"read": len(source.interactions)}
     frame = _filter(source.interactions, source, cfg, steps)
     items = _catalog(frame, source, cfg)

@@ -22,12 +22,12 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from distrec.formats import DataError
+
 MAX_EXAMPLES = 20  # first bad rows quoted in the manifest, enough to find a pattern
 MAX_RECORD_LINES = 16  # a quoted field spanning more lines is an unterminated quote
 
 
-class DataError(Exception):
-    """Input the user must fix. The message names the file, the line and what was expected."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from distrec.data.rows import DataError
+from distrec.formats import DataError
 
 SHARD_PATTERN = "train-%05d.tar"
 

@@ -264,7 +264,7 @@ def pick_column(header: list[str], wanted: str | None, conventions: tuple[str, .
 
 
 def raise_missing(path, header, what, key):
-    from distrec.data.rows import DataError
+    from distrec.formats import DataError
 
     raise DataError(f"{path}: expected {what}; the header has: {', '.join(header)}.\n"
                     f"  (name the right column with columns.{key}=NAME)")

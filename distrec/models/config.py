@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from distrec.config import doc
+from distrec.models.peft_methods import METHODS, method_doc
+
+PEFT_METHODS = tuple(METHODS)  # the registry (distrec.models.peft_methods): one place per method
 
 
 
@@ -66,8 +69,7 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["lora", "adalora", "adapter", "full", "frozen"] = doc(
-        "how the backbone is tuned: lora | adalora | adapter (Houlsby bottleneck) | full | frozen", default="lora")
+    method: Literal[PEFT_METHODS] = doc(method_doc(), default="lora")
     r: int = doc("LoRA rank (AdaLoRA: target average rank)", default=8)
     alpha: int = doc("LoRA scaling alpha", default=16)
     dropout: float = doc("LoRA dropout (0: its masks cost time on CPU for little gain)", default=0.0)

@@ -1,4 +1,6 @@
-"""Training objectives over (user state, target item) pairs, as pure functions.
+"""Training objectives over (user state, target item) pairs, as pure functions, and their
+registry (LOSSES): `train.loss` names one, its help is the entry's `doc`, and
+`Recommender.forward` calls the entry. A new loss is one `register(...)` here plus its test.
 
 states: (P, d) user states at the P positions that have a next item; labels: (P,) item
 indices; table: (N, d) item vectors of the whole catalog.
@@ -6,8 +8,49 @@ indices; table: (N, d) item vectors of the whole catalog.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class Objective:
+    """The loss `Recommender.forward` computes and its options (set by the training code from
+    train.loss and its keys)."""
+
+    kind: str = "softmax"  # a LOSSES name
+    num_negatives: int = 256
+    bce_negatives: int = 4
+    pos_weight: float = 1.0
+    log_q: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    doc: str                                                   # what it is, for --help-config
+    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Objective], torch.Tensor]
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register(loss: Loss) -> Loss:
+    if loss.name in LOSSES:
+        raise ValueError(f"loss {loss.name!r} is registered twice")
+    LOSSES[loss.name] = loss
+    return loss
+
+
+def compute(states: torch.Tensor, labels: torch.Tensor, table: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """The loss `objective.kind` of the states against their labels over the item table."""
+    return LOSSES[objective.kind].compute(states, labels, table, objective)
+
+
+def loss_doc() -> str:
+    return "; ".join(f"{loss.name}: {loss.doc}" for loss in LOSSES.values())
 
 
 def full_softmax(states: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -49,3 +92,11 @@ def binary_cross_entropy(states: torch.Tensor, labels: torch.Tensor, table: torc
     loss_pos = F.binary_cross_entropy_with_logits(positive, torch.ones_like(positive), reduction="sum")
     loss_neg = (F.binary_cross_entropy_with_logits(negative, torch.zeros_like(negative), reduction="none") * keep).sum()
     return (pos_weight * loss_pos + loss_neg) / (pos_weight * len(labels) + keep.sum()).clamp(min=1.0)
+
+
+register(Loss("softmax", "full softmax over the catalog (cached item vectors)",
+              lambda s, y, t, o: full_softmax(s, y, t)))
+register(Loss("sampled_softmax", "in-batch + random negatives (train.num_negatives) with log-q correction",
+              lambda s, y, t, o: sampled_softmax(s, y, t, o.num_negatives, o.log_q)))
+register(Loss("bce", "the seed's pointwise binary cross-entropy (train.bce_negatives, train.pos_weight)",
+              lambda s, y, t, o: binary_cross_entropy(s, y, t, o.bce_negatives, o.pos_weight)))

@@ -1,8 +1,10 @@
-"""Turning a backbone into a trainable one: lora | adalora | adapter | full | frozen.
+"""Turning a backbone into a trainable one: the registry of PEFT methods (METHODS), each
+one entry: how it wraps the backbone, saves what it trained, reloads it onto a fresh
+backbone to give the same outputs, and the optional hooks of its training step (called by
+the trainer and the model, which never branch on a method's name).
 
-LoRA and AdaLoRA come from PEFT; the bottleneck adapter from `adapters.py`. Each method
-saves only what it trained (`save_backbone`) and reloads onto a fresh backbone
-(`load_backbone_weights`) to give the same outputs.
+lora and adalora come from PEFT; the bottleneck adapter from `adapters.py`. A new method is
+one `register(PeftMethod(...))` here plus its case in tests/models/test_peft_models.py.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +22,9 @@ from torch import nn
 
 from distrec.config import ConfigError
 from distrec.models import adapters
-from distrec.models.config import PeftConfig
+
+if TYPE_CHECKING:
+    from distrec.models.config import PeftConfig
 
 FULL_WEIGHTS = "backbone.safetensors"
 
@@ -33,32 +39,51 @@ def default_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
-    """Wrap or freeze `model` for `cfg.method`; `total_steps` sets AdaLoRA's rank schedule."""
-    if cfg.method in ("full", "frozen"):
-        for param in model.parameters():
-            param.requires_grad = cfg.method == "full"
-        return model
-    if cfg.method == "adapter":
-        model.adapter_modules = adapters.add_adapters(model, cfg.adapter_size, cfg.target_modules)
-        model.adapter_size = cfg.adapter_size
-        return model
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model  # imported when used: 3 s a process
+def _freeze(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad = False
+    return model
 
-    targets = cfg.target_modules or default_targets(model)
-    if cfg.method == "lora":
-        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
-    else:
-        # rank budget: warm up 10% of training, prune ranks until 70%, then hold (AdaLoRA paper's shape)
-        total = max(total_steps, 10)
-        peft_cfg = AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.r, lora_alpha=cfg.alpha,
-                                 orth_reg_weight=cfg.adalora_orth_reg,
-                                 lora_dropout=cfg.dropout, target_modules=targets, total_step=total,
-                                 tinit=total // 10, tfinal=total * 3 // 10, deltaT=max(1, total // 100))
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as e:
-        raise ConfigError(f"peft.target_modules={targets}: {e}") from None
+
+def _unfreeze(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad = True
+    return model
+
+
+def _add_adapters(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
+    model.adapter_modules = adapters.add_adapters(model, cfg.adapter_size, cfg.target_modules)
+    model.adapter_size = cfg.adapter_size
+    return model
+
+
+def _peft_wrap(make_config):
+    """apply: the backbone wrapped by PEFT with the LoraConfig-like `make_config(cfg, targets, total_steps)`."""
+    def apply(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
+        from peft import get_peft_model  # imported when used: 3 s a process
+
+        targets = cfg.target_modules or default_targets(model)
+        try:
+            return get_peft_model(model, make_config(cfg, targets, total_steps))
+        except ValueError as e:
+            raise ConfigError(f"peft.target_modules={targets}: {e}") from None
+    return apply
+
+
+def _lora_config(cfg: PeftConfig, targets: list[str], total_steps: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+
+
+def _adalora_config(cfg: PeftConfig, targets: list[str], total_steps: int):
+    from peft import AdaLoraConfig
+
+    # rank budget: warm up 10% of training, prune ranks until 70%, then hold (AdaLoRA paper's shape)
+    total = max(total_steps, 10)
+    return AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.r, lora_alpha=cfg.alpha,
+                         orth_reg_weight=cfg.adalora_orth_reg, lora_dropout=cfg.dropout, target_modules=targets,
+                         total_step=total, tinit=total // 10, tfinal=total * 3 // 10, deltaT=max(1, total // 100))
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -167,36 +192,114 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def _save_peft(model: nn.Module, directory: Path, state: dict | None) -> None:
+    model.save_pretrained(str(directory / "adapter"), state_dict=state)
+
+
+def _save_adapters(model: nn.Module, directory: Path, state: dict | None) -> None:
+    adapters.save_adapters(model, directory / "adapter", model.adapter_size, model.adapter_modules,
+                           state={k: v for k, v in state.items() if ".adapter." in k} if state else None)
+
+
+def _save_full(model: nn.Module, directory: Path, state: dict | None) -> None:
+    weights = state if state is not None else model.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / FULL_WEIGHTS))
+
+
+def _load_peft(model: nn.Module, directory: Path) -> nn.Module:
+    if not (directory / "adapter").exists():
+        raise ConfigError(f"{directory}: no adapter/ directory for a PEFT (lora, adalora) checkpoint")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(directory / "adapter"))
+
+
+def _load_adapters(model: nn.Module, directory: Path) -> nn.Module:
+    model.adapter_modules, model.adapter_size = adapters.load_adapters(model, directory / "adapter")
+    return model
+
+
+def _load_full(model: nn.Module, directory: Path) -> nn.Module:
+    try:
+        state = load_file(str(directory / FULL_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ConfigError(f"{directory / FULL_WEIGHTS}: cannot read the weights ({e})") from None
+    model.load_state_dict(state)
+    return model
+
+
+def _adalora_unreached(model: nn.Module) -> list[nn.Parameter]:
+    """AdaLoRA's A, E, B and rank counters: they sit in ParameterDicts that are never called,
+    so ZeRO-3's per-module gathering never sees them (DeepSpeed keeps them whole instead)."""
+    return [p for m in model.modules() if isinstance(getattr(m, "lora_E", None), nn.ParameterDict)
+            for attr in ("lora_A", "lora_B", "lora_E", "ranknum") for p in getattr(m, attr).values()]
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One way of tuning the backbone. Hooks left None do nothing.
+
+    apply(backbone, PeftConfig, total_steps) -> backbone: wrapped or frozen for training.
+    save(backbone, directory, state | None): what it trained (state: a gathered state dict, ZeRO-3).
+    load(backbone, directory) -> backbone: that put back onto a freshly loaded backbone.
+    after_backward(backbone, step, full_grad | None): gradients exist, the optimizer has not
+        stepped (full_grad(p): where DeepSpeed keeps a gradient; None: p.grad).
+    after_step(backbone, step, write_master | None): after the optimizer step (write_master(p,
+        value): also into DeepSpeed's fp32 master copy).
+    regulariser(backbone) -> tensor | None: added to the loss.
+    unreached(backbone) -> [parameters]: weights no module call reads (ZeRO-3 must keep them whole
+        and cannot trust its recorded fetch order)."""
+    name: str
+    doc: str
+    apply: Callable
+    save: Callable = lambda model, directory, state: None
+    load: Callable = lambda model, directory: model
+    trains_backbone: bool = True
+    after_backward: Callable | None = None
+    after_step: Callable | None = None
+    regulariser: Callable | None = None
+    unreached: Callable | None = None
+
+
+METHODS: dict[str, PeftMethod] = {}
+
+
+def register(method: PeftMethod) -> PeftMethod:
+    if method.name in METHODS:
+        raise ValueError(f"PEFT method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+register(PeftMethod("lora", "LoRA (PEFT): rank-r updates of the blocks' linear layers (peft.r, peft.alpha)",
+                    _peft_wrap(_lora_config), _save_peft, _load_peft))
+register(PeftMethod("adalora", "AdaLoRA (PEFT): LoRA whose ranks are pruned to a budget during training "
+                    "(peft.adalora_init_r -> peft.r)", _peft_wrap(_adalora_config), _save_peft, _load_peft,
+                    after_backward=lambda m, step, full_grad=None: adalora_update_importance(m, step, full_grad),
+                    after_step=lambda m, step, write_master=None: adalora_apply_masks(m, step, write_master),
+                    regulariser=lambda m: adalora_orth_loss(m), unreached=_adalora_unreached))
+register(PeftMethod("adapter", "Houlsby bottleneck adapters after the blocks' target layers (peft.adapter_size)",
+                    _add_adapters, _save_adapters, _load_adapters))
+register(PeftMethod("full", "every backbone weight trained", _unfreeze, _save_full, _load_full))
+register(PeftMethod("frozen", "nothing in the backbone trained (its pooled outputs are cached once)", _freeze,
+                    trains_backbone=False))
+
+
+def method_doc() -> str:
+    return "how the backbone is tuned - " + "; ".join(f"{m.name}: {m.doc}" for m in METHODS.values())
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
+    """Wrap or freeze `model` for `cfg.method`; `total_steps` sets AdaLoRA's rank schedule."""
+    return METHODS[cfg.method].apply(model, cfg, total_steps)
+
+
 def save_backbone(model: nn.Module, method: str, directory: Path, state: dict | None = None) -> None:
-    """Save what `method` trained: PEFT adapters via save_pretrained, our adapters, the full
-    weights (safetensors), or nothing for a frozen backbone. `state`: an already gathered
-    state dict (ZeRO-3 gathers before saving)."""
+    """Save what `method` trained (nothing for a frozen backbone)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if is_peft(model):
-        model.save_pretrained(str(directory / "adapter"), state_dict=state)
-    elif method == "adapter":
-        adapters.save_adapters(model, directory / "adapter", model.adapter_size, model.adapter_modules,
-                               state={k: v for k, v in state.items() if ".adapter." in k} if state else None)
-    elif method == "full":
-        weights = state if state is not None else model.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / FULL_WEIGHTS))
+    METHODS[method].save(model, directory, state)
 
 
 def load_backbone_weights(model: nn.Module, method: str, directory: Path) -> nn.Module:
     """Put the saved trained part back onto a freshly loaded backbone."""
-    if method in ("lora", "adalora"):
-        if not (directory / "adapter").exists():
-            raise ConfigError(f"{directory}: no adapter/ directory for peft.method={method}")
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(directory / "adapter"))
-    if method == "adapter":
-        model.adapter_modules, model.adapter_size = adapters.load_adapters(model, directory / "adapter")
-        return model
-    if method == "full":
-        try:
-            state = load_file(str(directory / FULL_WEIGHTS))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ConfigError(f"{directory / FULL_WEIGHTS}: cannot read the weights ({e})") from None
-        model.load_state_dict(state)
-    return model
+    return METHODS[method].load(model, directory)

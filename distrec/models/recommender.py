@@ -15,26 +15,12 @@ from every position and the full-catalog softmax.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from distrec.models import losses
 from distrec.models.backbone import pool
-from distrec.models.peft_methods import adalora_orth_loss
 from distrec.models.config import ModelConfig
-
-
-@dataclass
-class Objective:
-    """How `Recommender.forward` turns states into a loss (set by the training code)."""
-
-    kind: str = "softmax"  # softmax | sampled_softmax | bce
-    num_negatives: int = 256
-    bce_negatives: int = 4
-    pos_weight: float = 1.0
-    log_q: torch.Tensor | None = None
 
 
 class UserTower(nn.Module):
@@ -111,6 +97,8 @@ class TextItems(nn.Module):
     The whitening (mean and matrix) is fitted once on the catalog's pooled text, by
     `fit_whitening` before training starts, and then kept fixed and saved with the heads;
     the cache holds whitened rows, so the per-step cost is the live rows' (n, H) x (H, H)."""
+
+    peft = None  # the backbone's PEFT method (distrec.models.peft_methods.PeftMethod): its hooks
 
     def _init_text(self, cfg: ModelConfig, backbone, tokens, lengths, pooling: str) -> None:
         if backbone is None or tokens is None:
@@ -193,6 +181,10 @@ class TextItems(nn.Module):
 
 
 class Recommender(TextItems):
+    """The two-tower model: items are their text through the backbone (item_repr text), an ID
+    vector (id), or both fused (text+id); a user is a causal transformer over their history's item
+    vectors. `item_table()` embeds the catalog, `user_vectors()` the users, `forward()` is the loss."""
+
     def __init__(self, cfg: ModelConfig, num_items: int, backbone: nn.Module | None = None,
                  tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None, pooling: str = "mean",
                  seen_items: torch.Tensor | None = None):
@@ -201,7 +193,7 @@ class Recommender(TextItems):
         self.uses_text = cfg.item_repr in ("text", "text+id")
         self.uses_id = cfg.item_repr in ("id", "text+id")
         self.cosine = cfg.score == "cosine"
-        self.objective = Objective()
+        self.objective = losses.Objective()
         if self.uses_text:
             self._init_text(cfg, backbone, tokens, lengths, pooling)
             self.project = nn.Linear(backbone.config.hidden_size, cfg.dim)
@@ -278,23 +270,15 @@ class Recommender(TextItems):
         labels = labels[valid]
         if self.cosine:
             states = nn.functional.normalize(states, dim=-1) / self.cfg.temperature
-        o = self.objective
-        if o.kind == "softmax":
-            loss = losses.full_softmax(states, labels, table)
-        elif o.kind == "sampled_softmax":
-            loss = losses.sampled_softmax(states, labels, table, o.num_negatives, o.log_q)
-        else:
-            loss = losses.binary_cross_entropy(states, labels, table, o.bce_negatives, o.pos_weight)
-        regulariser = adalora_orth_loss(self.backbone) if self.uses_text else None
+        loss = losses.compute(states, labels, table, self.objective)
+        hook = self.peft.regulariser if self.uses_text and self.peft is not None else None
+        regulariser = hook(self.backbone) if hook is not None else None
         return loss, live_pooled, regulariser if regulariser is not None else torch.zeros((), device=loss.device)
 
-    def adalora_dict_params(self) -> list[nn.Parameter]:
-        """AdaLoRA's A, E, B and rank counters: they sit in ParameterDicts that are never called,
-        so ZeRO-3's per-module gathering never sees them (DeepSpeed keeps them whole instead)."""
-        if not self.uses_text:
-            return []
-        return [p for m in self.backbone.modules() if isinstance(getattr(m, "lora_E", None), nn.ParameterDict)
-                for attr in ("lora_A", "lora_B", "lora_E", "ranknum") for p in getattr(m, attr).values()]
+    def unreached_params(self) -> list[nn.Parameter]:
+        """The PEFT method's weights that no module call reads (AdaLoRA's): ZeRO-3 keeps them whole."""
+        hook = self.peft.unreached if self.uses_text and self.peft is not None else None
+        return hook(self.backbone) if hook is not None else []
 
 
 class Content(TextItems):

@@ -33,7 +33,7 @@ from distrec.atomic import publish_dir, staging_for
 from distrec.config import ConfigError, from_dict
 from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
 from distrec.models.config import ModelConfig, PeftConfig
-from distrec.models.peft_methods import apply_peft, load_backbone_weights, save_backbone
+from distrec.models.peft_methods import METHODS, apply_peft, load_backbone_weights, save_backbone
 from distrec.models.recommender import Content, Popularity, Recommender
 from distrec.outputs import fingerprint_dir, fingerprint_file
 
@@ -119,9 +119,12 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFram
     tokens, lengths = tokenize_catalog(tokenizer, items["text"].tolist(), model_cfg.max_text_tokens)
     pooling = pooling_for(backbone.base_model if hasattr(backbone, "peft_config") else backbone, model_cfg.pooling)
     if model_cfg.item_repr == "content":
-        return Content(model_cfg, len(items), backbone, tokens, lengths, pooling), tokenizer
-    seen = torch.tensor(items["train_count"].to_numpy() > 0) if "train_count" in items else None
-    return Recommender(model_cfg, len(items), backbone, tokens, lengths, pooling, seen), tokenizer
+        model = Content(model_cfg, len(items), backbone, tokens, lengths, pooling)
+    else:
+        seen = torch.tensor(items["train_count"].to_numpy() > 0) if "train_count" in items else None
+        model = Recommender(model_cfg, len(items), backbone, tokens, lengths, pooling, seen)
+    model.peft = METHODS[_tuning(model_cfg, peft_cfg).method]
+    return model, tokenizer
 
 
 def head_state(model: Recommender, state: dict | None = None) -> dict[str, torch.Tensor]:

@@ -6,23 +6,15 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from distrec.config import doc
+from distrec.policies import POLICIES, strength_doc
 
-POLICIES = ("none", "mmr", "dpp", "category_cap", "calibration", "exposure")
+POLICY_NAMES = tuple(POLICIES)  # the registry (distrec.policies): one place per policy
 
 
 @dataclass
 class PolicyConfig:
-    name: Literal["none", "mmr", "dpp", "category_cap", "calibration", "exposure"] = doc(
-        "re-ranking policy over each user's candidates", default="none")
-    strength: float = doc(
-        "by policy - none: ignored; mmr: diversity weight in [0, 1] (0 = plain relevance); dpp: relevance "
-        "trade-off in [0, 1) (0 = pure diversity, towards 1 relevance dominates); calibration: weight in [0, 1] "
-        "(0 = plain relevance); category_cap: most items of one category per list, a whole number >= 1; "
-        "exposure: largest share of the job's users one item may reach, in (0, 1]: a cap of "
-        "ceil(strength x users) lists per item across the whole job (one actor scores it; a resumed job counts "
-        "the parts already written); a user with too few candidates under the cap gets the most relevant "
-        "over-cap ones to fill the list, and summary.json reports the share reached (exposure.max_item_share) "
-        "and those users (exposure.users_filled_over_cap)", default=0.5)
+    name: Literal[POLICY_NAMES] = doc("re-ranking policy over each user's candidates", default="none")
+    strength: float = doc(strength_doc(), default=0.5)
     window: int = doc("dpp: sliding window (0 = the whole list)", default=0)
     similarity: Literal["model", "text", "category"] = doc(
         "mmr and dpp: what makes two items alike - 'model': the cosine of their item vectors; 'text': the "
@@ -30,12 +22,9 @@ class PolicyConfig:
         "are alike whatever their histories; 'category': the same category (category_level)", default="model")
 
     def __post_init__(self):
-        s = self.strength
-        ok = {"none": True, "mmr": 0 <= s <= 1, "dpp": 0 <= s < 1, "calibration": 0 <= s <= 1,
-              "category_cap": s >= 1 and float(s).is_integer(), "exposure": 0 < s <= 1}[self.name]
-        if not ok:
-            raise ValueError(f"policy.strength={s} is out of range for policy {self.name!r} "
-                             "(see distrec score --help-config)")
+        if not POLICIES[self.name].valid(self.strength):
+            raise ValueError(f"policy.strength={self.strength} is out of range for policy {self.name!r}: "
+                             f"{POLICIES[self.name].strength}")
         if self.window < 0:
             raise ValueError("policy.window must be >= 0")
 

@@ -38,10 +38,11 @@ import pyarrow.parquet as pq
 import torch
 
 from distrec.atomic import write_atomic
-from distrec import diversity
+from distrec import catalog, policies
+from distrec.catalog import primary_categories
 from distrec.config import ConfigError, to_dict
 from distrec.console import verbose  # DISTREC_VERBOSE=1 (--verbose): Ray's own logs, actor output and bars
-from distrec.data.rows import DataError
+from distrec.formats import DataError
 from distrec.data.shards import left_pad
 from distrec.models.run import load_model, read_model_json
 from distrec.outputs import check_output, fingerprint_dir, fingerprint_file, mark_output
@@ -53,20 +54,6 @@ SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("rank",
 PART = "part-{:05d}.parquet"
 JOB_FILE = "job.json"
 PART_KEY = b"distrec"  # the part's record in its Parquet footer (key-value metadata)
-
-
-def primary_categories(items: pd.DataFrame, level: int) -> tuple[torch.Tensor, list[str]]:
-    """(I,) category id of each item at `level` of its category list (-1: none), and the names."""
-    names: dict[str, int] = {}
-    ids = []
-    for cats in items["categories"]:
-        cats = list(cats)
-        if not cats:
-            ids.append(-1)
-            continue
-        name = cats[level] if -len(cats) <= level < len(cats) else cats[-1]
-        ids.append(names.setdefault(name, len(names)))
-    return torch.tensor(ids, dtype=torch.long), list(names)
 
 
 def user_frame(data_dir: Path, which: str) -> pd.DataFrame:
@@ -141,7 +128,7 @@ class BlockScorer:
         # the parts already written: a resumed job (or this actor restarted by Ray) goes on
         # from what is on disk, not from zero.
         self.shown = torch.zeros(len(self.items), dtype=torch.long)
-        if self.cfg.policy.name == "exposure" and job is not None:
+        if "job" in policies.POLICIES[self.cfg.policy.name].needs and job is not None:
             self.shown += exposure_counts(self.out, job, len(self.items), self.items["item_id"])
 
     def __call__(self, batch: dict) -> dict:
@@ -232,21 +219,11 @@ class BlockScorer:
         return items, relevance, empty
 
     def rerank(self, relevance, candidates, histories, filled: torch.Tensor | None = None) -> torch.Tensor:
-        p, k = self.cfg.policy, self.cfg.k
-        if p.name == "none":
-            return diversity.top_k(relevance, k)
-        if p.name == "mmr":
-            return diversity.mmr(relevance, self.similar[candidates], k, p.strength)
-        if p.name == "dpp":
-            return diversity.dpp(relevance, self.similar[candidates], k, p.strength, p.window)
-        cats = self.categories[candidates]
-        if p.name == "category_cap":
-            return diversity.category_cap(relevance, cats, k, int(p.strength))
-        if p.name == "calibration":
-            profile = diversity.category_profile(histories, self.categories, len(self.category_names))
-            return diversity.calibrated(relevance, cats, profile, k, p.strength)
-        return diversity.exposure_capped(relevance, candidates, k, exposure_capacity(p.strength, len(self.frame)),
-                                         self.shown, filled)
+        """The policy's picks (B, k) among the candidates (distrec.policies.rerank)."""
+        return policies.rerank(self.cfg.policy, policies.Candidates(
+            relevance, candidates, self.cfg.k, similar=self.similar, categories=self.categories,
+            num_categories=len(self.category_names), histories=histories, shown=self.shown, users=len(self.frame),
+            filled=filled))
 
     def score_block(self, block: int) -> dict:
         """Score one block and write its part; returns the part's record (PART_KEY)."""
@@ -286,11 +263,6 @@ class BlockScorer:
         pq.write_table(table, temp)
         os.replace(temp, self.out / PART.format(block))
         return record
-
-
-def exposure_capacity(strength: float, users: int) -> int:
-    """The exposure policy's cap: the most lists one item may be in, across the job."""
-    return max(1, math.ceil(strength * users))
 
 
 def part_record(path: Path) -> dict | None:
@@ -484,33 +456,8 @@ def catalog_and_popularity(cfg: ScoreConfig, items: pd.DataFrame) -> tuple[np.nd
 
 
 def catalog_vectors(cfg: ScoreConfig, items: pd.DataFrame, similarity: str | None = None):
-    """(item vectors, popularity, similarity vectors or None) of the catalog. `similarity`
-    (default: policy.similarity): 'text' = the item tower's pooled text as the backbone embeds
-    it (whitening undone), L2-normalised;
-    'category' = one-hot primary categories (alike = same category); 'model' = None (the
-    item vectors themselves)."""
-    similarity = similarity or cfg.policy.similarity
-    model = load_model(Path(cfg.run) / "best", items, Path(cfg.run) / "tokenizer")
-    if similarity == "text" and not getattr(model, "uses_text", False):
-        raise ConfigError(f"similarity=text: run {cfg.run} has no text item tower (model.item_repr="
-                          f"{model.cfg.item_repr}); use similarity=model or category, or a text run")
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        model.to("cuda")
-    model.eval()
-    with torch.no_grad():
-        model.refresh_cache()
-        table = model.item_table().float().cpu().numpy()
-        similar = None
-        if similarity == "text":
-            similar = torch.nn.functional.normalize(model.backbone_text(), dim=-1).cpu().numpy()
-    if similarity == "category":
-        categories, names = primary_categories(items, cfg.category_level)
-        categories = np.asarray(categories)
-        similar = np.zeros((len(items), max(len(names), 1)), dtype=np.float32)
-        has = categories >= 0  # an item without a category is alike no other
-        similar[np.flatnonzero(has), categories[has]] = 1.0
-    popularity = np.log1p(items["train_count"].to_numpy().astype(np.float32))
-    return table, popularity, similar
+    """distrec.catalog.catalog_vectors of this job's run (similarity: default policy.similarity)."""
+    return catalog.catalog_vectors(cfg.run, items, similarity or cfg.policy.similarity, cfg.category_level, cfg.device)
 
 
 def actor_layout(node_cpus: list[int], blocks: int, asked: int, one: bool) -> tuple[int, int]:
@@ -583,7 +530,7 @@ def _run_blocks(cfg: ScoreConfig, job: str, todo: list[int], table: np.ndarray, 
         raise ConfigError("device=cuda: the Ray cluster has no GPUs; use device=auto or cpu")
     on_gpus = cfg.device != "cpu" and any(node_gpus)
     # exposure counts every list of the job against one cap: one actor holds the counts
-    one = cfg.policy.name == "exposure"
+    one = "job" in policies.POLICIES[cfg.policy.name].needs  # job-wide state: one actor
     actors, threads = (gpu_layout(node_cpus, node_gpus, len(todo), cfg.actors, one) if on_gpus
                        else actor_layout(node_cpus or [1], len(todo), cfg.actors, one))
     import ray.data
@@ -623,6 +570,10 @@ def _run_blocks(cfg: ScoreConfig, job: str, todo: list[int], table: np.ndarray, 
 
 
 def score(cfg: ScoreConfig) -> dict:
+    """`distrec score`: every user of `cfg.users` gets a top-k list from the whole catalog (seen items
+    excluded), re-ranked by `cfg.policy`, written as Parquet parts into `cfg.out` by Ray actors.
+    Resumes a job killed midway (whole parts are kept, each user is scored exactly once); refuses
+    an `out` of another job unless `cfg.overwrite`. Returns the summary (also summary.json)."""
     items, out = _check(cfg)
     job, _ = _open_out(cfg, out)
     loud = verbose()
@@ -695,7 +646,7 @@ def score(cfg: ScoreConfig) -> dict:
 
 def exposure_summary(cfg: ScoreConfig, out: Path, job: str, items: pd.DataFrame, users: int, records: dict) -> dict:
     """What the exposure policy achieved over the whole job, from the parts on disk."""
-    cap = exposure_capacity(cfg.policy.strength, users)
+    cap = policies.exposure_capacity(cfg.policy.strength, users)
     counts = exposure_counts(out, job, len(items), items["item_id"])
     return {"cap_per_item": cap, "cap_share": round(cap / max(users, 1), 6),
             "max_item_lists": int(counts.max()) if len(counts) else 0,

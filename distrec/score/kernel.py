@@ -94,7 +94,7 @@ def _top_candidates_cpu(users, table, n, history, block, precision, facts):
         raise ValueError(f"a catalog of {table.shape[0]:,} items: the CPU kernel packs item indices in 32 bits")
     if table.shape[0] <= 2 * block:  # a small catalog in one block: no partial last block
         block = table.shape[0]
-    _use_torch_threads()  # before any parallel numba call: the setting is per calling thread
+    use_torch_threads()  # before any parallel numba call: the setting is per calling thread
     seen = _seen_items(history, count, sort=_blocks(table, block) > 1)
     users = users.contiguous()
     if precision == "bf16" or (precision == "auto" and _bf16_pays(table)):
@@ -295,10 +295,7 @@ def _score_buffer(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return buffer
 
 
-try:
-    import numba
-except ImportError:  # numba is a dependency; without it the torch path serves every device
-    numba = None
+from distrec.compiled import numba, use_torch_threads  # noqa: E402
 
 if numba is not None:
     # Each kept (score, item) is one int64 key: the score's bits made order-preserving as a
@@ -554,8 +551,6 @@ if numba is not None:
         for u in numba.prange(heap_keys.shape[0]):
             _unpack_best_first(heap_keys[u], filled[u], score_bits[u], items[u])
 
-    def _use_torch_threads() -> None:  # the same thread budget as torch (Ray actors set it)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 else:
     _scan = None
 

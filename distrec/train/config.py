@@ -7,6 +7,9 @@ from typing import Literal, Optional
 
 from distrec.config import doc
 from distrec.models.config import ModelConfig, PeftConfig
+from distrec.models.losses import LOSSES, loss_doc
+
+LOSS_NAMES = tuple(LOSSES)  # the registry (distrec.models.losses): one place per loss
 
 
 @dataclass
@@ -24,9 +27,7 @@ class RunConfig:
 
 @dataclass
 class OptimConfig:
-    loss: Literal["softmax", "sampled_softmax", "bce"] = doc(
-        "softmax: full softmax over the catalog (cached item vectors); sampled_softmax: in-batch + random "
-        "negatives with log-q correction; bce: the seed's pointwise binary cross-entropy", default="softmax")
+    loss: Literal[LOSS_NAMES] = doc(loss_doc(), default="softmax")
     num_negatives: int = doc("sampled_softmax: uniform random negatives per batch", default=256)
     bce_negatives: int = doc("bce: random negatives per positive", default=4)
     pos_weight: float = doc("bce: weight of positives against negatives (imbalanced data)", default=1.0)

@@ -45,8 +45,9 @@ from transformers import get_scheduler
 from distrec.atomic import publish_dir, recover_dir, staging_for, write_atomic
 from distrec.config import ConfigError, save_config, to_dict
 from distrec.data.shards import ShardedSamples
+from distrec.formats import DATA_FORMAT
 from distrec.models.losses import inclusion_log_q
-from distrec.models.peft_methods import adalora_apply_masks, adalora_update_importance, count_parameters
+from distrec.models.peft_methods import METHODS, count_parameters
 from distrec.models.run import (RUN_FORMAT, RUN_JSON, build_model, dataset_identity, load_model, model_settings,
                                 read_model_json, read_run_record, same_dataset, save_model, settings_differ,
                                 trainable_backbone)
@@ -54,7 +55,8 @@ from distrec.outputs import MARKER, check_output, mark_output, read_marker, writ
 from distrec.train.config import TrainConfig
 from distrec.train.ranking import evaluate
 
-DATA_FORMAT = "distrec-prepared/1"
+NO_HOOKS = METHODS["frozen"]  # a model without a backbone: no step hooks
+
 # what distrec train writes into a run directory: all that run.overwrite=true removes
 RUN_NAMES = ("config.yaml", RUN_JSON, "best", "last", "final", "tokenizer", "tb", "metrics.jsonl", "results.json")
 CHECKPOINTS = ("best", "last", "final")  # directories published through a staging copy
@@ -224,13 +226,13 @@ def _fill_deepspeed(plugin, cfg: TrainConfig, world: int, model, precision: str 
                        ("stage3_param_persistence_threshold", 10 * hidden)):
         if zero.get(key) == "auto":
             zero[key] = value
-    adalora = model.adalora_dict_params()
-    if adalora and zero.get("stage") == 3:
-        # AdaLoRA keeps A, E, B in ParameterDicts that no module call gathers, and its
-        # regulariser and rank allocation read them outside any forward: ZeRO-3 keeps them
+    unreached = model.unreached_params()
+    if unreached and zero.get("stage") == 3:
+        # weights no module call gathers (AdaLoRA keeps A, E, B in ParameterDicts, and its
+        # regulariser and rank allocation read them outside any forward): ZeRO-3 keeps them
         # whole on every rank (they are small); the backbone's own weights stay partitioned
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold") or 0),
-                                                         max(p.numel() for p in adalora) + 1)
+                                                         max(p.numel() for p in unreached) + 1)
 
 
 def _offloads_optimizer(plugin) -> bool:
@@ -239,6 +241,9 @@ def _offloads_optimizer(plugin) -> bool:
 
 
 class Trainer:
+    """One training run: the launcher and DeepSpeed set-up, the model and its PEFT method's hooks,
+    checkpoints and resume, validation and trackers. `fit()` runs it."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, init_from: str | None = None,
                  deepspeed_plugin=None, on_checkpoint=None):
         """`deepspeed_plugin`: DeepSpeed without `accelerate launch` (Ray workers). `on_checkpoint(record)`
@@ -320,9 +325,9 @@ class Trainer:
                 cfg.train.schedule], optimizer, num_warmup_steps=cfg.train.warmup_steps,
                 num_training_steps=self.total_steps)
             self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
-            self._zero3_adalora = plugin is not None and plugin.zero_stage == 3 and bool(self.model.adalora_dict_params())
-            if self._zero3_adalora:
-                persistent = [p for p in self.model.adalora_dict_params() if getattr(p, "ds_persist", False)]
+            self._zero3_unreached = plugin is not None and plugin.zero_stage == 3 and bool(self.model.unreached_params())
+            if self._zero3_unreached:
+                persistent = [p for p in self.model.unreached_params() if getattr(p, "ds_persist", False)]
                 persistent[0].all_gather(persistent)  # persistent weights are gathered at first use: these have none
         self.model = acc.unwrap_model(self.wrapped)
         self.state = TrainerState()
@@ -649,6 +654,8 @@ class Trainer:
         return unique
 
     def fit(self) -> dict:
+        """Train to the end (epochs, max_steps or patience), checkpointing at each validation;
+        then test the best checkpoint and write results.json. Returns the results."""
         acc, cfg, s = self.accelerator, self.cfg, self.state
         acc.wait_for_everyone()  # every rank's checks read the directory before it changes
         if acc.is_main_process and not self.resume:
@@ -728,7 +735,7 @@ class Trainer:
         order (used to prefetch) disagree with later steps, which DeepSpeed 0.19 treats as an
         error; keep it recording instead. The cost: no parameter prefetch in these runs, which
         slows ZeRO-3 on GPUs with large backbones (LoRA and adapters keep it)."""
-        if getattr(self, "_zero3_adalora", False):
+        if getattr(self, "_zero3_unreached", False):
             coordinator = self.wrapped.optimizer.parameter_offload.get_param_coordinator()
             if coordinator.is_complete_trace():
                 coordinator._invalidate_trace()
@@ -738,6 +745,7 @@ class Trainer:
         acc, model = self.accelerator, self.model
         history, target = batch["history"].to(acc.device), batch["target"].to(acc.device)
         step = self.state.global_step
+        hooks = model.peft if model.uses_text and model.peft is not None else NO_HOOKS  # the PEFT method's step hooks
         with acc.accumulate(self.wrapped):
             live = self._live_items(target) if self.learns_text else None
             with acc.autocast():
@@ -751,21 +759,21 @@ class Trainer:
                 self._retrace()
                 engine.backward(loss + regulariser)
                 boundary = engine.is_gradient_accumulation_boundary()
-                if boundary and model.uses_text:
-                    adalora_update_importance(model.backbone, step, safe_get_full_grad)
+                if boundary and hooks.after_backward:
+                    hooks.after_backward(model.backbone, step, safe_get_full_grad)
                 engine.step()  # clips (config gradient_clipping), steps the optimizer and the schedule
-                if boundary and model.uses_text:
-                    adalora_apply_masks(model.backbone, step, safe_set_full_fp32_param)
+                if boundary and hooks.after_step:
+                    hooks.after_step(model.backbone, step, safe_set_full_fp32_param)
             else:
                 acc.backward(loss + regulariser)
                 if acc.sync_gradients:
                     if self.cfg.train.clip_grad:
                         acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.train.clip_grad)
-                    if model.uses_text:
-                        adalora_update_importance(model.backbone, step)
+                    if hooks.after_backward:
+                        hooks.after_backward(model.backbone, step)
                 self.optimizer.step()
-                if acc.sync_gradients and model.uses_text:
-                    adalora_apply_masks(model.backbone, step)
+                if acc.sync_gradients and hooks.after_step:
+                    hooks.after_step(model.backbone, step)
                 self.scheduler.step()
                 self.optimizer.zero_grad()
         if live is not None:
@@ -820,4 +828,7 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool = False, init_from: str | None = None, deepspeed_plugin=None,
           on_checkpoint=None) -> dict:
+    """`distrec train`: train `cfg` in `cfg.run.dir` (one process, or each rank under accelerate /
+    DeepSpeed / Ray Train), validate, keep the best checkpoint, test it once. `resume`: go on from
+    last/ exactly; `init_from`: start from another run's weights. Returns results.json's content."""
     return Trainer(cfg, resume, init_from, deepspeed_plugin, on_checkpoint).fit()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from distrec.config import ConfigError, load_config
 from distrec.data import readers
 from distrec.data.config import PrepareConfig
-from distrec.data.rows import DataError
+from distrec.formats import DataError
 
 TARGETS = {  # reader: (file fuzzed, valid seed, companion files kept valid, source)
     "recbole": ("toy.inter", b"user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\ta\t5\t1\n"

@@ -108,7 +108,7 @@ def two_shards(cli, tmp_path):
 
 
 def test_missing_shard_is_named_before_training(two_shards):
-    from distrec.data.rows import DataError
+    from distrec.formats import DataError
     from distrec.data.shards import ShardedSamples
 
     (two_shards / "train-00001.tar").unlink()
@@ -121,7 +121,7 @@ def test_missing_shard_is_named_before_training(two_shards):
 
 
 def test_shard_vanishing_during_reading_is_named(two_shards):
-    from distrec.data.rows import DataError
+    from distrec.formats import DataError
     from distrec.data.shards import ShardedSamples
 
     samples = ShardedSamples(two_shards, batch_size=8, shuffle=False)

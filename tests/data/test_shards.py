@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from distrec.data.rows import DataError
+from distrec.formats import DataError
 from distrec.data.shards import EpochPlan, ShardedSamples, collate, left_pad
 
 

@@ -7,14 +7,14 @@ import torch
 
 from distrec.config import ConfigError
 from distrec.models.config import ModelConfig, PeftConfig
-from distrec.models.losses import binary_cross_entropy, full_softmax, sampled_softmax
+from distrec.models import peft_methods
 from distrec.models.peft_methods import adalora_apply_masks, adalora_update_importance, count_parameters
 from distrec.models.run import build_model, load_model, save_model
 from tests.tiny import tiny_backbone
 
 TEXTS = ["red apple pie", "green apple", "blue berry jam", "dark chocolate cake", "lemon tart",
          "apple crumble", "berry smoothie", "chocolate milk"]
-METHODS = ["lora", "adalora", "adapter", "full", "frozen"]
+METHODS = list(peft_methods.METHODS)  # every registered method: a new one is tested here without a new list
 
 
 @pytest.fixture(scope="module")
@@ -114,30 +114,6 @@ def test_corrupt_checkpoint_is_a_config_error(tmp_path, items):
         load_model(tmp_path / "ckpt", items)
 
 
-def test_sampled_softmax_equals_full_softmax_when_every_item_is_a_candidate():
-    torch.manual_seed(0)
-    states, table = torch.randn(6, 4), torch.randn(9, 4)
-    labels = torch.tensor([0, 3, 3, 8, 1, 2])
-    full = full_softmax(states, labels, table)
-    sampled = sampled_softmax(states, labels, table, num_negatives=2000, log_q=torch.zeros(9))
-    torch.testing.assert_close(sampled, full)
-
-
-def test_bce_matches_hand_computation():
-    states = torch.tensor([[1.0, 0.0]])
-    table = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    torch.manual_seed(0)
-    loss = binary_cross_entropy(states, torch.tensor([0]), table, negatives_per_positive=1, pos_weight=3.0)
-    torch.manual_seed(0)
-    negative = torch.randint(0, 2, (1, 1)).item()
-    pos = torch.nn.functional.softplus(torch.tensor(-2.0))  # -log sigmoid(2)
-    if negative == 0:  # the negative drew the positive: masked out
-        expected = pos
-    else:  # logit 0 -> log 2
-        expected = (3.0 * pos + torch.log(torch.tensor(2.0))) / 4.0
-    torch.testing.assert_close(loss, expected)
-
-
 def test_text_plus_id_scores_unseen_items_by_text_alone(backbone_dir, items):
     seen_items = items.assign(train_count=[3, 0, 1, 1, 0, 2, 1, 1])
     model, _ = build_model(ModelConfig(backbone=backbone_dir, item_repr="text+id", dim=16, heads=2),
@@ -149,3 +125,31 @@ def test_text_plus_id_scores_unseen_items_by_text_alone(backbone_dir, items):
         text_only = model.project(model.pooled_cache)
     torch.testing.assert_close(table[[1, 4]], text_only[[1, 4]])  # never trained: text alone
     torch.testing.assert_close(table[[0, 2]], text_only[[0, 2]] + 5.0)
+
+
+def test_the_config_reads_the_registry():
+    from distrec.config import load_config
+    from distrec.train.config import TrainConfig
+
+    for name, method in peft_methods.METHODS.items():
+        assert load_config(TrainConfig, None, [f"peft.method={name}"]).peft.method == name
+        assert f"{name}: {method.doc}" in peft_methods.method_doc()
+    with pytest.raises(ConfigError, match="did you mean 'lora'"):
+        load_config(TrainConfig, None, ["peft.method=lroa"])
+    with pytest.raises(ValueError, match="twice"):
+        peft_methods.register(peft_methods.METHODS["lora"])
+
+
+def test_only_adalora_has_step_hooks_and_unreached_weights(backbone_dir, items):
+    """The trainer calls hooks, never names: AdaLoRA's live in its entry, the rest have none,
+    and a model reports the weights ZeRO-3 must keep whole through its method."""
+    for name, method in peft_methods.METHODS.items():
+        hooked = [h for h in ("after_backward", "after_step", "regulariser", "unreached") if getattr(method, h)]
+        assert hooked == ([] if name != "adalora" else ["after_backward", "after_step", "regulariser", "unreached"])
+    ada, _ = _model(backbone_dir, items, "adalora")
+    lora, _ = _model(backbone_dir, items, "lora")
+    assert ada.peft is peft_methods.METHODS["adalora"] and lora.peft is peft_methods.METHODS["lora"]
+    unreached = ada.unreached_params()
+    assert unreached and all(any(k in n for k in ("lora_A", "lora_B", "lora_E", "ranknum"))
+                             for n, p in ada.backbone.named_parameters() if any(p is q for q in unreached))
+    assert lora.unreached_params() == []
