@@ -105,13 +105,23 @@ def _quiet_progress():
     if verbose():
         yield
         return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
+    # the GGUF reader draws a plain tqdm bar that hf's disable_progress_bar does not reach
+    # (transformers 4.57, "Converting and de-quantizing GGUF tensors..."): quieted here only
+    plain = getattr(gguf_utils, "tqdm", None)
+    if plain is not None:
+        gguf_utils.tqdm = functools.partial(plain, disable=True)
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.enable_progress_bar()
+        if plain is not None:
+            gguf_utils.tqdm = plain
 
 
 @contextlib.contextmanager
