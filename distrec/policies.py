@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from distrec.registry import Registry
+
 if TYPE_CHECKING:
     import torch
 
@@ -69,14 +71,8 @@ class Policy:
             raise ValueError(f"policy {self.name!r} needs {sorted(unknown)}: not among {NEEDS}")
 
 
-POLICIES: dict[str, Policy] = {}
-
-
-def register(policy: Policy) -> Policy:
-    if policy.name in POLICIES:
-        raise ValueError(f"policy {policy.name!r} is registered twice")
-    POLICIES[policy.name] = policy
-    return policy
+POLICIES = Registry("policy")
+register = POLICIES.register
 
 
 def exposure_capacity(strength: float, users: int) -> int:
@@ -141,7 +137,7 @@ register(Policy(
 
 
 def strength_doc() -> str:
-    return "by policy - " + "; ".join(f"{p.name}: {p.strength}" for p in POLICIES.values())
+    return "by policy - " + POLICIES.describe(lambda p: p.strength)
 
 
 def swept() -> dict[str, tuple]:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from distrec.registry import Registry
+
 
 @dataclass
 class Objective:
@@ -34,14 +36,8 @@ class Loss:
     compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Objective], torch.Tensor]
 
 
-LOSSES: dict[str, Loss] = {}
-
-
-def register(loss: Loss) -> Loss:
-    if loss.name in LOSSES:
-        raise ValueError(f"loss {loss.name!r} is registered twice")
-    LOSSES[loss.name] = loss
-    return loss
+LOSSES = Registry("loss")
+register = LOSSES.register
 
 
 def compute(states: torch.Tensor, labels: torch.Tensor, table: torch.Tensor, objective: Objective) -> torch.Tensor:
@@ -50,7 +46,7 @@ def compute(states: torch.Tensor, labels: torch.Tensor, table: torch.Tensor, obj
 
 
 def loss_doc() -> str:
-    return "; ".join(f"{loss.name}: {loss.doc}" for loss in LOSSES.values())
+    return LOSSES.describe()
 
 
 def full_softmax(states: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

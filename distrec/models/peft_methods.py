@@ -22,6 +22,7 @@ from torch import nn
 
 from distrec.config import ConfigError
 from distrec.models import adapters
+from distrec.registry import Registry
 
 if TYPE_CHECKING:
     from distrec.models.config import PeftConfig
@@ -261,14 +262,8 @@ class PeftMethod:
     unreached: Callable | None = None
 
 
-METHODS: dict[str, PeftMethod] = {}
-
-
-def register(method: PeftMethod) -> PeftMethod:
-    if method.name in METHODS:
-        raise ValueError(f"PEFT method {method.name!r} is registered twice")
-    METHODS[method.name] = method
-    return method
+METHODS = Registry("PEFT method")
+register = METHODS.register
 
 
 register(PeftMethod("lora", "LoRA (PEFT): rank-r updates of the blocks' linear layers (peft.r, peft.alpha)",
@@ -286,7 +281,7 @@ register(PeftMethod("frozen", "nothing in the backbone trained (its pooled outpu
 
 
 def method_doc() -> str:
-    return "how the backbone is tuned - " + "; ".join(f"{m.name}: {m.doc}" for m in METHODS.values())
+    return "how the backbone is tuned - " + METHODS.describe()
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, total_steps: int) -> nn.Module:
