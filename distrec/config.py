@@ -32,9 +32,13 @@ def doc(text: str, **kwargs):
     return dataclasses.field(metadata={"help": text}, **kwargs)
 
 
-def _nearest(name: str, choices: list[str]) -> str:
+def nearest(name: str, choices: list[str]) -> str:
+    """"; did you mean 'x'?" for the closest of `choices`, or nothing."""
     match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""
+
+
+_nearest = nearest
 
 
 def _type_name(tp: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from distrec.config import doc
+from distrec.config import doc, nearest
 from distrec.policies import POLICIES, strength_doc
 
 POLICY_NAMES = tuple(POLICIES)  # the registry (distrec.policies): one place per policy
@@ -13,7 +13,10 @@ POLICY_NAMES = tuple(POLICIES)  # the registry (distrec.policies): one place per
 
 @dataclass
 class PolicyConfig:
-    name: Literal[POLICY_NAMES] = doc("re-ranking policy over each user's candidates", default="none")
+    # a str checked against the registry when the config is built (not a Literal fixed at import):
+    # a policy registered later (a plug-in, a test) is accepted like the built-in ones
+    name: str = doc("re-ranking policy over each user's candidates, a registered one: " + " | ".join(POLICY_NAMES),
+                    default="none")
     strength: float = doc(strength_doc(), default=0.5)
     window: int = doc("dpp: sliding window (0 = the whole list)", default=0)
     similarity: Literal["model", "text", "category"] = doc(
@@ -22,6 +25,9 @@ class PolicyConfig:
         "are alike whatever their histories; 'category': the same category (category_level)", default="model")
 
     def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"policy.name: expected one of {' | '.join(map(repr, POLICIES))}, got {self.name!r}"
+                             f"{nearest(self.name, list(POLICIES))}")
         if not POLICIES[self.name].valid(self.strength):
             raise ValueError(f"policy.strength={self.strength} is out of range for policy {self.name!r}: "
                              f"{POLICIES[self.name].strength}")

@@ -538,3 +538,27 @@ def test_an_empty_history_gets_the_most_popular_items(trained, tmp_path):
     assert empty == 1
     assert counts[picked[0]].tolist() == sorted(counts.tolist(), reverse=True)[:10]
     assert set(picked[1].tolist()).isdisjoint({0, 1})  # a user with a history: seen items never come back
+
+
+def test_a_policy_registered_by_a_test_alone_runs_through_the_config_the_scorer_and_the_sweep(
+        trained, tmp_path, monkeypatch):
+    """One registry entry and nothing else: the config accepts it, the job's scorer (in this
+    process; Ray actors import the package's own registry) and the sweep run it."""
+    from distrec import policies
+    from distrec.evaluate import sweep
+
+    toy = policies.Policy("reverse", "ignored", lambda s: s == 0,
+                          lambda c, p: diversity.top_k(c.relevance, c.k).flip(1), sweep=(0.0,))
+    monkeypatch.setitem(policies.POLICIES, "reverse", toy)
+    cfg = load_config(ScoreConfig, None, ["policy.name=reverse", "policy.strength=0"])
+    assert cfg.policy.name == "reverse"
+    histories = list(pd.read_parquet(trained / "data" / "test.parquet")["history"][:8])
+    plain, _, _ = _scorer(trained, tmp_path).recommend(histories)
+    reversed_, _, _ = _scorer(trained, tmp_path, name="reverse", strength=0.0).recommend(histories)
+    assert torch.equal(reversed_, plain.flip(1))
+    result = sweep(trained / "run", trained / "data", tmp_path / "sweep", k=10, candidates=40)
+    toy_point = next(p for p in result["points"] if p["policy"] == "reverse")
+    none = result["points"][0]
+    assert toy_point["ndcg@10"] != none["ndcg@10"]  # the same items in another order
+    for same in ("ild@10", "catalog_coverage@10", "category_coverage@10"):  # ... so the same sets
+        assert toy_point[same] == pytest.approx(none[same])
