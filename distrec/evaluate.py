@@ -161,26 +161,23 @@ def sweep(run: Path, data_dir: Path, out: Path, k: int = 10, candidates: int = 1
     alike means both to mmr/dpp and to ILD: the run's item vectors (model), its item tower's
     text embeddings (text) or the category. Writes sweep.json and tradeoff.png into `out`,
     replacing an earlier evaluate output there only with `overwrite`."""
-    from distrec.config import load_config, to_dict
-    from distrec.score.config import PolicyConfig, ScoreConfig
-    from distrec.score.job import BlockScorer  # the job's retrieval, in this process (no Ray)
+    from distrec.retrieval import Retriever  # the job's first stage, in this process (no Ray)
+    from distrec.score.config import PolicyConfig
 
     run, data_dir, out = Path(run), Path(data_dir), Path(out)
     replacing = check_output(out, "evaluate", inputs=[run, data_dir], flag="--overwrite", overwrite=overwrite)
     data = load_data(data_dir, category_level)
     test, items = data["test"], data["items"]
-    base_cfg = load_config(ScoreConfig, None, [], base={"run": str(run), "data": str(data_dir), "out": str(out),
-                                                          "k": k, "candidates": candidates,
-                                                          "category_level": category_level})
     table, popularity, similar = catalog_vectors(run, items, similarity, category_level)
+    table = torch.from_numpy(np.array(table))
     histories = list(test["history"])
-    scorer = BlockScorer(to_dict(base_cfg), table, popularity, similar=similar)
-    ild_vectors = scorer.similar  # ILD's "alike" is the policies' "alike"
-    relevance, candidates, _ = scorer.candidates(histories)  # the same candidates for every policy
+    retriever = Retriever(run, items, table, torch.from_numpy(np.array(popularity)), candidates)
+    ild_vectors = table if similar is None else torch.from_numpy(np.array(similar))  # ILD's "alike" is the policies'
+    relevance, candidates, _, _ = retriever(histories)  # the same candidates for every policy
+    block = P.Candidates(relevance, candidates, k, similar=ild_vectors, categories=data["primary"],
+                         num_categories=len(data["category_names"]), histories=histories)
     targets = torch.tensor(test["target"].to_numpy()).unsqueeze(1)
     points = []
-    block = P.Candidates(relevance, candidates, k, similar=scorer.similar, categories=scorer.categories,
-                         num_categories=len(scorer.category_names), histories=histories)
     for name, strengths in [("none", [0.0])] + list((policies or P.swept()).items()):
         for strength in strengths:
             policy = PolicyConfig(name=name, strength=strength, similarity=similarity)

@@ -43,11 +43,10 @@ from distrec.catalog import primary_categories
 from distrec.config import ConfigError, to_dict
 from distrec.console import verbose  # DISTREC_VERBOSE=1 (--verbose): Ray's own logs, actor output and bars
 from distrec.formats import DataError
-from distrec.data.shards import left_pad
-from distrec.models.run import load_model, read_model_json
+from distrec.models.run import read_model_json
 from distrec.outputs import check_output, fingerprint_dir, fingerprint_file, mark_output
 from distrec.score.config import ScoreConfig
-from distrec.score.kernel import FaissTopK, top_candidates
+from distrec.retrieval import Retriever
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
                     ("score", pa.float32()), ("relevance", pa.float32()), ("policy", pa.string())])
@@ -112,16 +111,12 @@ class BlockScorer:
         self.new_items = torch.from_numpy(np.flatnonzero(counts == 0))
         self.new_place = torch.full((len(self.items),), -1, dtype=torch.long)
         self.new_place[self.new_items] = torch.arange(len(self.new_items))
-        self.model = load_model(Path(self.cfg.run) / "best", self.items, Path(self.cfg.run) / "tokenizer")
+        self.retriever = Retriever(self.cfg.run, self.items, self.table, self.popularity, self.cfg.candidates,
+                                   self.cfg.precision, device, self.cfg.faiss)
         # on a GPU actor (Ray sets CUDA_VISIBLE_DEVICES to its GPU) the user tower and the
         # product run there; re-ranking and the parts stay on the CPU with the lists
-        self.device = torch.device(device)
-        # only the user tower: scoring reads the item vectors from the catalog table, so the
-        # backbone and its pooled cache (GBs for a large catalog and LM) stay off the GPU
-        self.model.eval()
-        getattr(self.model, "user_tower", self.model).to(self.device)
-        self.device_table = self.table.to(self.device)
-        self.faiss = FaissTopK(self.table) if self.cfg.faiss else None
+        self.model, self.device = self.retriever.model, self.retriever.device
+        self.device_table = self.retriever.device_table
         self.out = Path(self.cfg.out)
         self.job = job
         # exposure policy state: the lists each item is in across the job, so far. Counted from
@@ -163,21 +158,7 @@ class BlockScorer:
         return relevance, candidates, empty
 
     def _candidates(self, histories: list):
-        cfg = self.cfg
-        history = left_pad(histories, 0)
-        empty = torch.tensor([len(h) == 0 for h in histories])
-        on_device = history.to(self.device)
-        user_vectors = self.model.user_vectors(on_device, self.device_table)
-        if self.faiss is not None:
-            relevance, candidates = self.faiss(user_vectors.cpu(), cfg.candidates, history)
-        else:
-            relevance, candidates = top_candidates(user_vectors.float(), self.device_table.float(), cfg.candidates,
-                                                   on_device, precision=cfg.precision)
-            relevance, candidates = relevance.cpu(), candidates.cpu()
-        if empty.any():  # nothing to go on: the most popular items
-            pop, pop_items = self.popularity.float().topk(min(cfg.candidates, len(self.popularity)))
-            relevance[empty], candidates[empty] = pop, pop_items
-        return relevance, candidates, int(empty.sum()), user_vectors
+        return self.retriever(histories)
 
     @torch.no_grad()
     def reserve_new_items(self, items: torch.Tensor, relevance: torch.Tensor, user_vectors: torch.Tensor,

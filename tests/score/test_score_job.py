@@ -472,7 +472,7 @@ def test_new_item_slots_match_a_plain_reference(trained, tmp_path, slots, window
 
 
 def diversity_left_pad(histories):
-    from distrec.score.job import left_pad
+    from distrec.data.shards import left_pad
 
     return left_pad(histories, 0)
 
