@@ -77,7 +77,7 @@ def test_every_user_once_no_seen_items_and_none_equals_the_kernel(trained, tmp_p
             scores = table @ model.user_vectors(torch.tensor([list(hist)]), table)[0]
             scores[torch.tensor(list(hist))] = float("-inf")
             got = recs[recs.user_id == user].sort_values("rank")["item_id"].map(position).to_numpy()
-            torch.testing.assert_close(scores[torch.from_numpy(got)], scores.topk(10).values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(scores[torch.tensor(got)], scores.topk(10).values, atol=1e-5, rtol=0)
     summary = json.loads((tmp_path / "recs" / "summary.json").read_text())
     assert summary["users_scored"] == 300 and summary["blocks"] == 5
 
