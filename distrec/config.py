@@ -38,8 +38,6 @@ def nearest(name: str, choices: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-_nearest = nearest
-
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
@@ -76,7 +74,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(
             f"{path}: expected one of {_type_name(tp)}, got {value!r}"
-            + _nearest(str(value), [str(a) for a in get_args(tp)])
+            + nearest(str(value), [str(a) for a in get_args(tp)])
         )
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -121,7 +119,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for key in data:
         if key not in fields:
             raise ConfigError(
-                f"unknown key '{prefix}{key}'{_nearest(str(key), list(fields))} "
+                f"unknown key '{prefix}{key}'{nearest(str(key), list(fields))} "
                 f"(valid keys under {where}: {', '.join(fields)})"
             )
     kwargs = {name: _coerce(hints[name], data[name], prefix + name) for name in data}

@@ -255,7 +255,6 @@ class PeftMethod:
     apply: Callable
     save: Callable = lambda model, directory, state: None
     load: Callable = lambda model, directory: model
-    trains_backbone: bool = True
     after_backward: Callable | None = None
     after_step: Callable | None = None
     regulariser: Callable | None = None
@@ -276,8 +275,7 @@ register(PeftMethod("adalora", "AdaLoRA (PEFT): LoRA whose ranks are pruned to a
 register(PeftMethod("adapter", "Houlsby bottleneck adapters after the blocks' target layers (peft.adapter_size)",
                     _add_adapters, _save_adapters, _load_adapters))
 register(PeftMethod("full", "every backbone weight trained", _unfreeze, _save_full, _load_full))
-register(PeftMethod("frozen", "nothing in the backbone trained (its pooled outputs are cached once)", _freeze,
-                    trains_backbone=False))
+register(PeftMethod("frozen", "nothing in the backbone trained (its pooled outputs are cached once)", _freeze))
 
 
 def method_doc() -> str:

@@ -8,14 +8,12 @@ from typing import Literal, Optional
 from distrec.config import doc, nearest
 from distrec.policies import POLICIES, strength_doc
 
-POLICY_NAMES = tuple(POLICIES)  # the registry (distrec.policies): one place per policy
-
 
 @dataclass
 class PolicyConfig:
     # a str checked against the registry when the config is built (not a Literal fixed at import):
     # a policy registered later (a plug-in, a test) is accepted like the built-in ones
-    name: str = doc("re-ranking policy over each user's candidates, a registered one: " + " | ".join(POLICY_NAMES),
+    name: str = doc("re-ranking policy over each user's candidates, a registered one: " + " | ".join(POLICIES),
                     default="none")
     strength: float = doc(strength_doc(), default=0.5)
     window: int = doc("dpp: sliding window (0 = the whole list)", default=0)
