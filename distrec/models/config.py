@@ -8,7 +8,6 @@ from typing import Literal, Optional
 from distrec.config import doc
 from distrec.models.peft_methods import METHODS, method_doc
 
-PEFT_METHODS = tuple(METHODS)  # the registry (distrec.models.peft_methods): one place per method
 
 
 
@@ -69,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal[PEFT_METHODS] = doc(method_doc(), default="lora")
+    method: str = doc("a registered PEFT method (distrec.models.peft_methods): " + method_doc(), default="lora")
     r: int = doc("LoRA rank (AdaLoRA: target average rank)", default=8)
     alpha: int = doc("LoRA scaling alpha", default=16)
     dropout: float = doc("LoRA dropout (0: its masks cost time on CPU for little gain)", default=0.0)
@@ -80,6 +79,7 @@ class PeftConfig:
     adapter_size: int = doc("bottleneck width of the Houlsby adapters", default=64)
 
     def __post_init__(self):
+        METHODS.check(self.method, "peft.method")
         if self.adalora_orth_reg < 0:
             raise ValueError("peft.adalora_orth_reg must be >= 0")
         if self.r < 1 or self.adalora_init_r < self.r or self.adapter_size < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from distrec.config import doc, nearest
+from distrec.config import doc
 from distrec.policies import POLICIES, strength_doc
 
 
@@ -23,9 +23,7 @@ class PolicyConfig:
         "are alike whatever their histories; 'category': the same category (category_level)", default="model")
 
     def __post_init__(self):
-        if self.name not in POLICIES:
-            raise ValueError(f"policy.name: expected one of {' | '.join(map(repr, POLICIES))}, got {self.name!r}"
-                             f"{nearest(self.name, list(POLICIES))}")
+        POLICIES.check(self.name, "policy.name")
         if not POLICIES[self.name].valid(self.strength):
             raise ValueError(f"policy.strength={self.strength} is out of range for policy {self.name!r}: "
                              f"{POLICIES[self.name].strength}")

@@ -86,9 +86,14 @@ class BlockScorer:
     """Scores blocks of users and writes their parts; constructed once per Ray actor."""
 
     def __init__(self, cfg_dict: dict, catalog: np.ndarray, popularity: np.ndarray, device: str = "cpu",
-                 job: str | None = None, similar: np.ndarray | None = None):
+                 job: str | None = None, similar: np.ndarray | None = None, policy: policies.Policy | None = None):
+        """`policy`: the driver's registry entry for cfg_dict's policy. A Ray actor imports the
+        package's own registry; an entry registered at run time in the driver (a plugin, a test)
+        reaches it this way (Ray pickles it with cloudpickle)."""
         from distrec.config import from_dict
 
+        if policy is not None and policy.name not in policies.POLICIES:
+            policies.register(policy)
         self.cfg = from_dict(ScoreConfig, cfg_dict)
         torch.set_num_threads(int(os.environ.get("DISTREC_SCORE_THREADS", max(1, torch.get_num_threads()))))
         data = Path(self.cfg.data)
@@ -530,7 +535,8 @@ def _run_blocks(cfg: ScoreConfig, job: str, todo: list[int], table: np.ndarray, 
         done = dataset.map_batches(
             BlockScorer, fn_constructor_args=(to_dict(cfg), ray.put(table), ray.put(popularity),
                                               "cuda" if on_gpus else "cpu", job,
-                                              None if similar is None else ray.put(similar)),
+                                              None if similar is None else ray.put(similar),
+                                              policies.POLICIES[cfg.policy.name]),
             batch_size=group, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads,
             num_gpus=1 if on_gpus else 0, runtime_env={"env_vars": env},
             # on a local Ray a dead actor (killed for memory, say) is not restarted: the job

@@ -77,3 +77,29 @@ def test_the_config_reads_the_registry():
         load_config(TrainConfig, None, ["train.loss=bse"])
     with pytest.raises(ValueError, match="twice"):
         losses.register(losses.LOSSES["bce"])
+
+
+def test_a_loss_registered_by_a_test_alone_trains_a_model(data_dir, tmp_path, monkeypatch):
+    """One registry entry and nothing else: the config accepts it and `distrec train` optimises
+    it (its first logged loss is twice the full softmax of the same first step: the pinned curve)."""
+    import json
+
+    from distrec.cli import main
+    from tests.train.test_pinned_curves import COMMON, PINNED, SETUPS
+
+    calls = []
+
+    def doubled(states, labels, table, objective):
+        calls.append(len(labels))
+        return 2 * full_softmax(states, labels, table)
+
+    monkeypatch.setitem(losses.LOSSES, "doubled", losses.Loss("doubled", "twice the full softmax", doubled))
+    assert load_config(TrainConfig, None, ["train.loss=doubled"]).train.loss == "doubled"
+    run = tmp_path / "run"
+    args = ["train", "--no-progress", f"data.dir={data_dir}", f"run.dir={run}", *COMMON, *SETUPS["id"],
+            "train.loss=doubled"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in records if r["event"] == "train")
+    assert first == pytest.approx(2 * PINNED["id"][0], rel=1e-5)
+    assert len(calls) >= 8  # every step went through the registered function

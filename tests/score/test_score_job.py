@@ -542,8 +542,8 @@ def test_an_empty_history_gets_the_most_popular_items(trained, tmp_path):
 
 def test_a_policy_registered_by_a_test_alone_runs_through_the_config_the_scorer_and_the_sweep(
         trained, tmp_path, monkeypatch):
-    """One registry entry and nothing else: the config accepts it, the job's scorer (in this
-    process; Ray actors import the package's own registry) and the sweep run it."""
+    """One registry entry and nothing else: the config accepts it, the job's scorer, the Ray
+    scoring job (its actors get the driver's entry) and the sweep run it."""
     from distrec import policies
     from distrec.evaluate import sweep
 
@@ -556,6 +556,13 @@ def test_a_policy_registered_by_a_test_alone_runs_through_the_config_the_scorer_
     plain, _, _ = _scorer(trained, tmp_path).recommend(histories)
     reversed_, _, _ = _scorer(trained, tmp_path, name="reverse", strength=0.0).recommend(histories)
     assert torch.equal(reversed_, plain.flip(1))
+    # the Ray job: each user's list is the plain job's list reversed
+    assert _score(trained, tmp_path / "plain") == 0
+    assert _score(trained, tmp_path / "reverse", "policy.name=reverse", "policy.strength=0") == 0
+    lists = {name: read_recommendations(tmp_path / name).sort_values(["user_id", "rank"])
+             .groupby("user_id")["item_id"].apply(list) for name in ("plain", "reverse")}
+    assert len(lists["reverse"]) == 300
+    assert (lists["reverse"] == lists["plain"].apply(lambda items: items[::-1])).all()
     result = sweep(trained / "run", trained / "data", tmp_path / "sweep", k=10, candidates=40)
     toy_point = next(p for p in result["points"] if p["policy"] == "reverse")
     none = result["points"][0]
