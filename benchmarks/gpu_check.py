@@ -123,7 +123,7 @@ def score_check(device: str, users: int, items: int, dim: int, block_users: int,
                 budget_s: float = 150.0) -> dict:
     """Scores up to `users`, stopping after the block that passes `budget_s` (the check must fit
     the GPU machine's time): the rate is over the users done."""
-    from distrec.score import kernel
+    from distrec.score import bf16_bound
     from distrec.score.kernel import top_candidates
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -132,7 +132,7 @@ def score_check(device: str, users: int, items: int, dim: int, block_users: int,
     fast = top_candidates(sample, table, 100)  # warm-up, and the lists checked below
     exact = top_candidates(sample, table, 100, precision="fp32")
     same = float((fast[1] == exact[1]).float().mean())
-    before = dict(kernel.STATS)
+    before = dict(bf16_bound.STATS)
     _sync(device)
     started = time.perf_counter()
     done = 0
@@ -144,8 +144,8 @@ def score_check(device: str, users: int, items: int, dim: int, block_users: int,
     flops = 2 * done * items * dim / seconds
     return {"users": done, "items": items, "dim": dim, "users_per_s": done / seconds, "seconds": seconds,
             "flops": flops, "fraction_of_bf16_measured": flops / peak["bf16_measured"],
-            "lists_equal_to_fp32": same, "bf16_users": kernel.STATS["bf16_users"] - before["bf16_users"],
-            "fp32_again": kernel.STATS["fp32_again"] - before["fp32_again"]}
+            "lists_equal_to_fp32": same, "bf16_users": bf16_bound.STATS["bf16_users"] - before["bf16_users"],
+            "fp32_again": bf16_bound.STATS["fp32_again"] - before["fp32_again"]}
 
 
 def actor_check(device: str, num_users: int, num_items: int) -> dict:

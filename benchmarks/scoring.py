@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from distrec.score import kernel as kernel_module
-from distrec.score.kernel import FaissTopK, top_candidates
+from distrec.score import bf16_bound, kernel_cpu
+from distrec.score.faiss_topk import FaissTopK
+from distrec.score.kernel import top_candidates
 
 from _report import best_of, publish  # noqa: E402 (benchmarks/ is the script directory)
 from gemm import peak_flops  # noqa: E402
@@ -154,7 +155,7 @@ def main() -> int:
     flops = 2 * users.shape[0] * table.shape[0] * table.shape[1]
     peak = {"fp32": peak_flops(torch.float32), "bf16": peak_flops(torch.bfloat16)}
     batch = 1024
-    uses_bf16 = kernel_module._bf16_pays(table)
+    uses_bf16 = kernel_cpu.bf16_pays(table)
 
     def kernel(precision):
         def run():
@@ -173,9 +174,9 @@ def main() -> int:
             faiss_top(users[i:i + batch], args.n)
 
     exact = torch.cat([(users[i:i + batch] @ table.T).topk(args.n, dim=1).indices for i in range(0, len(users), batch)])
-    before = dict(kernel_module.STATS)
+    before = dict(bf16_bound.STATS)
     found = torch.cat([top_candidates(users[i:i + batch], table, args.n)[1] for i in range(0, len(users), batch)])
-    again = kernel_module.STATS["fp32_again"] - before["fp32_again"]
+    again = bf16_bound.STATS["fp32_again"] - before["fp32_again"]
     recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact)) / exact.numel()
     methods = [("distrec kernel, bf16 candidates + exact fp32 (default here)", kernel("auto"), "bf16")] if uses_bf16 else []
     methods += [("distrec kernel, fp32" + ("" if uses_bf16 else " (default here)"), kernel("fp32"), "fp32"),

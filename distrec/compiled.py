@@ -1,4 +1,4 @@
-"""What the compiled (numba) CPU kernels of diversity.py and score/kernel.py share."""
+"""What the compiled (numba) CPU kernels of diversity and score/kernel_cpu.py share."""
 
 try:
     import numba

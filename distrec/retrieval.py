@@ -11,7 +11,8 @@ import torch
 
 from distrec.data.shards import left_pad
 from distrec.models.run import load_model
-from distrec.score.kernel import FaissTopK, top_candidates
+from distrec.score.faiss_topk import FaissTopK
+from distrec.score.kernel import top_candidates
 
 
 class Retriever:

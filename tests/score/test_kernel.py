@@ -33,7 +33,7 @@ def test_n_larger_than_catalog_gives_every_unseen_item_in_order():
 
 def test_faiss_matches_the_kernel():
     pytest.importorskip("faiss")
-    from distrec.score.kernel import FaissTopK
+    from distrec.score.faiss_topk import FaissTopK
 
     gen = torch.Generator().manual_seed(2)
     users, table = torch.randn(6, 8, generator=gen), torch.randn(90, 8, generator=gen)
@@ -95,13 +95,13 @@ def test_cpu_scan_equals_reference_with_ties_and_exhausted_histories(block, prec
 
 
 def test_cpu_scan_and_torch_path_agree_on_continuous_scores():
-    from distrec.score.kernel import _top_candidates_torch
+    from distrec.score.kernel_torch import top_candidates_torch
 
     gen = torch.Generator().manual_seed(6)
     users, table = torch.randn(40, 16, generator=gen), torch.randn(5000, 16, generator=gen)
     history = torch.randint(-1, 5000, (40, 60), generator=gen)
     fast = top_candidates(users, table, 100, history, block=700)
-    plain = _top_candidates_torch(users, table, 100, history, 65536)
+    plain = top_candidates_torch(users, table, 100, history, 65536)
     assert torch.equal(fast[1], plain[1])
     torch.testing.assert_close(fast[0], plain[0])
 
@@ -123,15 +123,15 @@ def test_empty_catalog_or_zero_candidates_give_empty_lists():
 def test_bf16_candidates_rescored_in_fp32_give_the_fp32_top_n():
     """The bf16 path on continuous scores: the same items and the fp32 scores, and most users
     are settled from the bf16 candidates (not all scored again in fp32)."""
-    from distrec.score import kernel
+    from distrec.score import bf16_bound
 
     gen = torch.Generator().manual_seed(7)
     users, table = torch.randn(64, 16, generator=gen), torch.randn(20000, 16, generator=gen)
     history = torch.randint(-1, 20000, (64, 40), generator=gen)
-    before = dict(kernel.STATS)
+    before = dict(bf16_bound.STATS)
     fast = top_candidates(users, table, 50, history, block=4096, precision="bf16")
-    again = kernel.STATS["fp32_again"] - before["fp32_again"]
-    assert kernel.STATS["bf16_users"] - before["bf16_users"] == 64 and again < 8
+    again = bf16_bound.STATS["fp32_again"] - before["fp32_again"]
+    assert bf16_bound.STATS["bf16_users"] - before["bf16_users"] == 64 and again < 8
     expected_scores, expected_items = reference_top(users, table, 50, history)
     assert torch.equal(fast[1], expected_items)
     torch.testing.assert_close(fast[0], expected_scores, rtol=1e-5, atol=1e-5)
@@ -141,7 +141,7 @@ def test_bf16_path_stays_exact_where_bf16_cannot_tell_items_apart():
     """400 items within 1e-4 of one direction (bf16 rounds them to the same scores) and one
     item with a huge norm (a loose rounding bound): every user falls back to fp32 where the
     candidates cannot prove the top n, and the lists equal the reference."""
-    from distrec.score import kernel
+    from distrec.score import bf16_bound
 
     gen = torch.Generator().manual_seed(8)
     users = torch.randn(8, 12, generator=gen)
@@ -149,9 +149,9 @@ def test_bf16_path_stays_exact_where_bf16_cannot_tell_items_apart():
     table[:400] = users[0] + 1e-4 * torch.randn(400, 12, generator=gen)
     table[2999] = -50 * users[1]
     history = torch.full((8, 1), -1, dtype=torch.long)
-    before = kernel.STATS["fp32_again"]
+    before = bf16_bound.STATS["fp32_again"]
     scores, items = top_candidates(users, table, 100, history, precision="bf16")
-    assert kernel.STATS["fp32_again"] > before  # user 0 at least could not be settled in bf16
+    assert bf16_bound.STATS["fp32_again"] > before  # user 0 at least could not be settled in bf16
     expected_scores, expected_items = reference_top(users, table, 100, history)
     assert torch.equal(items, expected_items)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
@@ -196,9 +196,9 @@ def test_non_finite_catalog_is_refused_and_inference_tensors_work():
 
 def _torch_bf16(users, table, n, history, block):
     """The GPU bf16 path (torch ops only), run here on the CPU."""
-    from distrec.score import kernel
+    from distrec.score import bf16_bound, kernel_torch
 
-    return kernel._top_candidates_torch_bf16(users, table, n, history, block, kernel._catalog_facts(table))
+    return kernel_torch.top_candidates_torch_bf16(users, table, n, history, block, bf16_bound.catalog_facts(table))
 
 
 @pytest.mark.parametrize("block", [7, 64, 1000])
@@ -215,7 +215,7 @@ def test_torch_bf16_path_equals_the_fp32_reference(block):
 def test_torch_bf16_path_redoes_users_bf16_cannot_settle_and_stays_exact():
     """Items that differ below bf16's resolution: the bound cannot settle most users, who are
     scored again in fp32; the lists still equal the reference."""
-    from distrec.score.kernel import STATS
+    from distrec.score.bf16_bound import STATS
 
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(1, 16, generator=gen)
