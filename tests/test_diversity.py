@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrec import diversity
+from distrec import diversity, diversity_cpu
 
 CASES = [(seed, batch, n, d) for seed, (batch, n, d) in enumerate([(3, 12, 4), (5, 30, 8), (2, 50, 16), (4, 20, 3)])]
 
@@ -140,7 +140,7 @@ def test_cpu_paths_are_the_compiled_kernels(monkeypatch):
     relevance, vectors = torch.randn(4, 30, generator=gen), torch.randn(4, 30, 8, generator=gen)
     assert diversity.mmr(relevance, vectors, 5, 0.3).shape == (4, 5)
     assert diversity.dpp(relevance, vectors, 5, 0.5).shape == (4, 5)
-    assert diversity._mmr_kernel.signatures and diversity._dpp_kernel.signatures
+    assert diversity_cpu._mmr_kernel.signatures and diversity_cpu._dpp_kernel.signatures
 
 
 def test_mmr_compiled_and_torch_paths_agree_on_larger_cases():
