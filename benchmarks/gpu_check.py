@@ -155,7 +155,8 @@ def actor_check(device: str, num_users: int, num_items: int) -> dict:
     from distrec.cli import main as distrec
     from distrec.config import load_config, to_dict
     from distrec.score.config import ScoreConfig
-    from distrec.score.job import BlockScorer, catalog_and_popularity
+    from distrec.score.actor import BlockScorer
+    from distrec.score.job import catalog_and_popularity
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -109,7 +109,7 @@ def replicated(data: Path, times: int, out: Path) -> Path:
 
 
 def job_only(args) -> int:
-    from distrec.score.job import user_frame
+    from distrec.score.actor import user_frame
 
     with tempfile.TemporaryDirectory() as tmp:
         data = replicated(args.data, args.replicate, Path(tmp) / "data") if args.replicate > 1 else args.data

@@ -109,3 +109,23 @@ def test_multinode_container_passes_the_nccl_network_settings_through():
         assert f"-e {name}" in docker
     assert "/dev/infiniband" in docker
 
+
+
+def test_stages_import_only_what_they_own():
+    """DESIGN's import direction, read from the source: only the CLI imports the scoring job's
+    driver (distrec.score.job); evaluate, the sweep and the trainer import the shared modules."""
+    import ast
+    from pathlib import Path
+
+    import distrec
+
+    root = Path(distrec.__file__).parent
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if "distrec.score.job" in names:
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"cli.py"}

@@ -18,7 +18,8 @@ from distrec.config import load_config, to_dict
 from distrec.metrics import calibration_kl, intra_list_diversity
 from distrec.models.run import load_model
 from distrec.score.config import ScoreConfig
-from distrec.score.job import BlockScorer, catalog_and_popularity, read_recommendations
+from distrec.score.actor import BlockScorer
+from distrec.score.job import catalog_and_popularity, read_recommendations
 
 pytestmark = pytest.mark.ray
 
@@ -225,7 +226,7 @@ def test_actor_layout_one_actor_per_node_by_default():
 
 
 def test_user_frame_all_is_the_test_history_then_its_target_and_empty_without_one(tmp_path):
-    from distrec.score.job import user_count, user_frame
+    from distrec.score.actor import user_count, user_frame
 
     pd.DataFrame({"index": [0, 1, 2, 3], "user_id": ["a", "b", "c", "d"]}).to_parquet(tmp_path / "users.parquet")
     pd.DataFrame({"user": [2, 0, 3], "history": [[5, 6], [], [7]], "target": [9, 4, 8]}).to_parquet(
