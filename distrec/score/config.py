@@ -55,7 +55,8 @@ class ScoreConfig:
                       "at most the number of blocks; policy exposure: always one, so its cap holds across the job)",
                       default=0)
     category_level: int = doc("which entry of an item's category list is its category (-1 = the most specific)", default=-1)
-    faiss: bool = doc("top-N with FAISS IndexFlatIP instead of the blocked matrix product", default=False)
+    faiss: bool = doc("top-N with FAISS IndexFlatIP instead of the blocked matrix product (it is fastest from ~2,000 "
+                      "queries per search: set batch_size=4096 with it; BENCHMARKS.md)", default=False)
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "product of the top-N: 'fp32' for every item; 'bf16' for candidates rescored in fp32 (the same "
         "top-N, proven per user; users it cannot prove are redone in fp32); 'auto' = bf16 on CPUs with AMX or "
