@@ -2,9 +2,10 @@
 
 import json
 import subprocess
+import sys
 
 import pandas as pd
-import sys
+import pytest
 
 
 def _run(*args, cwd=None):
@@ -12,6 +13,7 @@ def _run(*args, cwd=None):
                           cwd=cwd, timeout=1800)  # a bound for a hang, not a speed test: CI runs under load
 
 
+@pytest.mark.ray
 def test_demo_runs_end_to_end_with_the_default_backbone(tmp_path):
     """The README's first command, shrunk: the real packaged MiniLM with LoRA."""
     result = _run("demo", "--out", tmp_path / "demo", "synthetic.num_users=300", "synthetic.num_items=200",

@@ -90,6 +90,7 @@ def _stopped_or_exited(job: subprocess.Popen, deadline: float) -> int | None:
     raise AssertionError("the training process neither reached its stop point nor exited in 10 minutes")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_sigkill_at_random_moments_then_resume_reaches_the_same_metrics(data_dir, tmp_path):
     """SIGKILL `distrec train` at random points of its progress (seeded), the resumed runs
