@@ -43,7 +43,7 @@ def fuzz_one(target: str, runs: int, report: Path) -> None:
         from distrec.config import ConfigError, load_config
         from distrec.data import readers
         from distrec.data.config import PrepareConfig
-        from distrec.data.rows import DataError
+        from distrec.data.records import DataError
 
     work = Path(tempfile.mkdtemp(prefix=f"fuzz-{target}-"))
     name, seed = SEEDS[target]

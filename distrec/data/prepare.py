@@ -27,7 +27,7 @@ from distrec.atomic import publish_dir
 from distrec.config import save_config, to_dict
 from distrec.data import readers, synthetic
 from distrec.data.config import PrepareConfig
-from distrec.data.process import Dataset, build
+from distrec.data.dataset import Dataset, build
 from distrec.formats import DATA_FORMAT, DataError
 from distrec.data.shards import write_shards
 from distrec.outputs import check_output, mark_output

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distrec.data.config import PrepareConfig
-from distrec.data.rows import BadRows, DataError, Records, RowCounts, compression, file_info, require_file
-from distrec.data.tables import InteractionRows, ItemRows, SourceData, pick_column
+from distrec.data.records import BadRows, DataError, Records, RowCounts, compression, file_info, require_file
+from distrec.data.source import InteractionRows, ItemRows, SourceData, pick_column
 
 RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 TITLE_NAMES = ("title", "movie_title", "name", "item_name", "product_title")

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from distrec.data.config import SyntheticConfig
-from distrec.data.rows import BadRows, RowCounts
-from distrec.data.tables import ItemRows, SourceData
+from distrec.data.records import BadRows, RowCounts
+from distrec.data.source import ItemRows, SourceData
 
 CATEGORY_NAMES = ("Books", "Garden", "Jazz", "Running", "Cooking", "Travel", "Comics", "Skincare",
                   "Camping", "Chess", "Pottery", "Cycling", "Opera", "Baking", "Fishing", "Yoga",

@@ -25,7 +25,7 @@ class RunConfig:
 
 
 @dataclass
-class OptimConfig:
+class LoopConfig:
     loss: str = doc("a registered loss (distrec.models.losses): " + loss_doc(), default="softmax")
     num_negatives: int = doc("sampled_softmax: uniform random negatives per batch", default=256)
     bce_negatives: int = doc("bce: random negatives per positive", default=4)
@@ -65,7 +65,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
     trackers: list[str] = doc("experiment trackers through accelerate: tensorboard, wandb, mlflow "
                                 "(keys only from the environment)", default_factory=lambda: ["tensorboard"])
     progress: bool = doc("show progress bars", default=True)

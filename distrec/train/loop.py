@@ -32,7 +32,7 @@ from distrec.models.run import build_model, load_model, trainable_backbone
 from distrec.train import faults, launch
 from distrec.train.checkpoint import TrainerState, load_last, save_best, save_last
 from distrec.train.config import TrainConfig
-from distrec.train.ranking import evaluate
+from distrec.train.validation import split_metrics
 from distrec.atomic import write_atomic
 from distrec.train.rundir import RunDirectory
 
@@ -148,7 +148,7 @@ class Trainer:
     def _validate(self) -> dict:
         self._retrace()
         self.model.eval()
-        metrics = evaluate(self.model, self.val, self._table(), self.accelerator, self.cfg.train.eval_batch_size)["all"]
+        metrics = split_metrics(self.model, self.val, self._table(), self.accelerator, self.cfg.train.eval_batch_size)["all"]
         self.model.train()
         return metrics
 
@@ -327,8 +327,8 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             table = best.item_table().float()
         cold = self.test["cold_target"].to_numpy()
-        test = evaluate(best, self.test, table, acc, self.cfg.train.eval_batch_size, {"cold": cold, "warm": ~cold})
-        valid = evaluate(best, self.val, table, acc, self.cfg.train.eval_batch_size)["all"]
+        test = split_metrics(best, self.test, table, acc, self.cfg.train.eval_batch_size, {"cold": cold, "warm": ~cold})
+        valid = split_metrics(best, self.val, table, acc, self.cfg.train.eval_batch_size)["all"]
         results = {
             "valid": valid, "test": test["all"], "test_cold": test["cold"], "test_warm": test["warm"],
             "best_step": self.state.best_step, "steps": self.state.global_step, "epochs": self._epochs_done(),

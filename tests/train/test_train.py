@@ -208,7 +208,7 @@ def test_ranking_excludes_the_whole_history_not_only_what_the_model_reads():
 
     from distrec.models.config import ModelConfig
     from distrec.models.recommender import Popularity
-    from distrec.train.ranking import split_ranks
+    from distrec.train.validation import split_ranks
 
     # popularity 9, 8, ..., 0: item 0 is the most popular; the model reads 2 history items
     model = Popularity(ModelConfig(item_repr="popularity", max_len=2), 10, torch.arange(10, 0, -1))

@@ -43,7 +43,7 @@ def split_ranks(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, ba
     return gathered[:len(frame)]
 
 
-def evaluate(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, batch_size: int,
+def split_metrics(model, frame: pd.DataFrame, table: torch.Tensor, accelerator, batch_size: int,
              slices: dict[str, np.ndarray] | None = None) -> dict:
     """Metrics over all users of `frame`, plus one entry per boolean slice mask."""
     ranks = torch.from_numpy(split_ranks(model, frame, table, accelerator, batch_size))

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from distrec.data.config import PrepareConfig
-from distrec.data.rows import BadRows, DataError
-from distrec.data.tables import SourceData, timestamp_warnings
+from distrec.data.records import BadRows, DataError
+from distrec.data.source import SourceData, timestamp_warnings
 
 NO_CATALOG = "no item catalog: every item text is empty, so text models cannot learn; pass --items FILE"
 
