@@ -43,6 +43,10 @@ class ModelConfig:
         "text models with whiten: the projection starts as the top-`dim` principal components, so at step 0 "
         "every item vector is its whitened, PCA-reduced text (a content model) and training corrects it",
         default=False)
+    adaptor_hidden: int = doc(
+        "text models: a residual MLP (this hidden width; 0 = none) beside the linear projection of the pooled "
+        "text, for item-side capacity without IDs (MoRec / UniSRec-style adaptors); its output layer starts at "
+        "zero, so step 0 is the plain projection", default=0)
     id_max_norm: float = doc(
         "text+id with cosine: the ID correction's norm is bounded by this, against a unit text vector "
         "(0 = unbounded)", default=0.0)
@@ -62,6 +66,8 @@ class ModelConfig:
             raise ValueError("model.temperature must be > 0 and model.id_max_norm >= 0")
         if self.content_init and not self.whiten:
             raise ValueError("model.content_init needs model.whiten: true (it starts from the whitened components)")
+        if self.adaptor_hidden < 0:
+            raise ValueError("model.adaptor_hidden must be >= 0 (0 = no adaptor)")
         if self.content_recent < 1 or not 0.0 < self.content_decay <= 1.0:
             raise ValueError("model.content_recent must be >= 1 and model.content_decay in (0, 1]")
 

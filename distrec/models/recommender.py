@@ -197,6 +197,12 @@ class Recommender(TextItems):
         if self.uses_text:
             self._init_text(cfg, backbone, tokens, lengths, pooling)
             self.project = nn.Linear(backbone.config.hidden_size, cfg.dim)
+            if cfg.adaptor_hidden:
+                hidden = backbone.config.hidden_size
+                self.adaptor = nn.Sequential(nn.Linear(hidden, cfg.adaptor_hidden), nn.GELU(),
+                                             nn.Linear(cfg.adaptor_hidden, cfg.dim))
+                nn.init.zeros_(self.adaptor[2].weight)  # step 0: the projection alone (content_init's model)
+                nn.init.zeros_(self.adaptor[2].bias)
         else:
             self.whiten = False
         if self.uses_id:
@@ -223,6 +229,8 @@ class Recommender(TextItems):
             if live_items is not None:
                 pooled = pooled.index_put((live_items,), live_pooled)
             table = self.project(pooled)
+            if self.cfg.adaptor_hidden:
+                table = table + self.adaptor(pooled)
             if self.cosine:
                 table = nn.functional.normalize(table, dim=-1)
         if self.uses_id:

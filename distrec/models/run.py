@@ -79,7 +79,8 @@ def read_run_record(run_dir: str | Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
 
 
-TEXT_ONLY_KEYS = ("model.backbone", "model.pooling", "model.max_text_tokens", "model.backbone_dropout")
+TEXT_ONLY_KEYS = ("model.backbone", "model.pooling", "model.max_text_tokens", "model.backbone_dropout",
+                  "model.adaptor_hidden")
 
 
 def model_settings(model: dict, peft: dict) -> dict:

@@ -105,6 +105,28 @@ def test_whitening_is_saved_with_the_checkpoint_and_reloads_to_the_same_vectors(
         torch.testing.assert_close(again.item_table(), before, atol=1e-5, rtol=1e-5)
 
 
+def test_adaptor_starts_as_the_projection_learns_and_reloads_to_the_same_vectors(backbone, data_dir, tmp_path):
+    items = _items(data_dir)
+    model = _model(backbone, data_dir, item_repr="text", score="cosine", whiten=True, content_init=True,
+                   adaptor_hidden=16)
+    model.fit_whitening()
+    with torch.no_grad():  # step 0: the content-initialised projection alone
+        plain = torch.nn.functional.normalize(model.project(model.pooled_cache), dim=-1)
+        torch.testing.assert_close(model.item_table(), plain)
+    loss, _, _ = model(torch.tensor([[1, 2, 3, 4, 5], [-1, -1, 6, 7, 8]]), torch.tensor([6, 9]))
+    loss.backward()
+    assert model.adaptor[2].weight.grad.abs().sum() > 0  # the zero output layer receives gradient
+    with torch.no_grad():
+        model.adaptor[2].weight.normal_(std=0.1)  # trained away from zero
+        before = model.item_table()
+    assert not torch.allclose(before, plain, atol=1e-3)
+    save_model(model, tmp_path / "best", PeftConfig(method="frozen"), list(items["item_id"]))
+    again = load_model(tmp_path / "best", items)
+    again.refresh_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(again.item_table(), before, atol=1e-5, rtol=1e-5)
+
+
 def test_content_baseline_scores_by_cosine_to_the_decayed_mean_of_recent_text(backbone, data_dir):
     model = _model(backbone, data_dir, item_repr="content", content_recent=2, content_decay=0.5)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
