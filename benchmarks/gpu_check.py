@@ -190,6 +190,19 @@ def actor_check(device: str, num_users: int, num_items: int) -> dict:
             "note": "fp32 on both; ties may order differently" if same < 1 else ""}
 
 
+def ranker_part(device: str, toy: bool, peak: dict) -> dict:
+    """The second stage on the GPU: the cross-encoder ranker's forward in bf16 over a batch of
+    users' candidates (one pass per user, K = 50 in two passes of 25), against the peak."""
+    from ranker_cost import ranker_check
+    from transformers import BertConfig, BertModel
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if toy else \
+        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)  # MiniLM's shape
+    backbone = BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape))
+    return ranker_check(backbone, device, 4 if toy else 256, 8 if toy else 50, 25, torch.bfloat16,
+                        seconds=0.5 if toy else 10.0, peak=peak["bf16_measured"])
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -209,6 +222,11 @@ def markdown(results: dict, command: str) -> str:
                      f"{train['tokens_per_s']:,.0f} tokens/s; MFU (4N LoRA) {train['mfu_lora_4n_measured_peak']:.2f} of "
                      f"the measured peak, {train.get('mfu_lora_4n_nominal_peak', float('nan')):.2f} of the nominal; "
                      f"6N: {train['mfu_dense_6n_measured_peak']:.2f} / {train.get('mfu_dense_6n_nominal_peak', float('nan')):.2f}")
+    ranker = results.get("ranker", {})
+    if "candidates_per_s" in ranker:
+        lines.append(f"- ranker (MiniLM-shaped cross-encoder, bf16, {ranker['users']} users x K={ranker['k']} per batch, "
+                     f"{ranker['tokens_per_pass']} tokens per pass): {ranker['users_per_s']:,.0f} users/s, "
+                     f"{ranker['candidates_per_s']:,.0f} candidates/s, {ranker['fraction_of_peak']:.2f} of the measured peak")
     if "users_per_s" in score:
         lines.append(f"- exact top-100, {score['users']:,} users x {score['items']:,} items x {score['dim']}: "
                      f"{score['users_per_s']:,.0f} users/s, {score['fraction_of_bf16_measured']:.2f} of the measured "
@@ -225,7 +243,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same parts on the CPU at toy sizes")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", HERE / "gpu_out")))
     parser.add_argument("--wheels", type=Path, help="install deepspeed, webdataset and their dependencies from here")
-    parser.add_argument("--parts", default="peak,actor,train,score")
+    parser.add_argument("--parts", default="peak,actor,train,score,ranker")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--publish", action="store_true", help="also write the section into BENCHMARKS.md")
     args = parser.parse_args()
@@ -260,6 +278,7 @@ def main() -> int:
         "score": lambda: score_check(device, 2048 if toy else 262_144, 20_000 if toy else 1_000_000, 64,
                                      1024 if toy else 8192, results["peak"]),
         "actor": lambda: actor_check(device, 300 if toy else 3000, 120 if toy else 800),
+        "ranker": lambda: ranker_part(device, toy, results["peak"]),
     }
     for name in args.parts.split(","):
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The one front door: `distrec prepare | train | score | evaluate | demo`.
+"""The one front door: `distrec prepare | train | ranker-data | score | evaluate | demo`.
 
 Each verb takes an optional `--config FILE.yaml` and trailing `key=value` overrides; the
 flags are shorthands for the most common keys. Bad input exits with code 2 and a message
@@ -173,6 +173,33 @@ def run_score(args) -> int:
     return 0
 
 
+def _ranker_data_parser(sub) -> None:
+    p = sub.add_parser("ranker-data", help="the ranker's training candidates, from a retrieval run (once)")
+    p.add_argument("--run", help="the retrieval run (a two-tower run)")
+    p.add_argument("--data", help="the prepared dataset it was trained on")
+    p.add_argument("--out", help="output directory (shards, val.parquet, test.parquet, manifest.json)")
+    p.add_argument("--config", help="a YAML file of ranker-data settings")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier ranker-data output")
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. candidates=20 random=4")
+
+
+def run_ranker_data(args) -> int:
+    from distrec.ranker_data import RankerDataConfig, ranker_data
+
+    if args.help_config:
+        print("\n".join(help_text(RankerDataConfig)))
+        return 0
+    base = {k: v for k, v in vars(args).items() if k in ("run", "data", "out", "overwrite") and v is not None}
+    cfg = load_config(RankerDataConfig, args.config, args.overrides, base=base)
+    m = ranker_data(cfg)
+    print(f"{m['train']['samples']:,} training samples of {m['train']['prefixes']:,} prefixes x {cfg.candidates} + "
+          f"{cfg.random} candidates (the retriever had the positive in {m['train']['retrieval_recall']:.1%}; "
+          f"missed={cfg.missed}); validation recall@{cfg.candidates} "
+          f"{m['val']['retrieval_recall']:.4f}; {m['seconds']:.0f} s -> {cfg.out}", file=sys.stderr)
+    return 0
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy and beyond-accuracy metrics of lists, with a report")
     p.add_argument("--recs", type=Path, help="output of distrec score")
@@ -183,6 +210,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--max-loss", type=float, default=0.02, help="--sweep: accuracy loss allowed (relative)")
     p.add_argument("--category-level", type=int, default=-1, help="which entry of an item's categories counts")
     p.add_argument("--overwrite", action="store_true", help="replace a report that distrec evaluate wrote there")
+    p.add_argument("--compare", type=Path, help="another recommendations folder on the same users: the difference "
+                   "in NDCG@10 / HR@10 with its paired bootstrap 95%% interval")
     p.add_argument("--similarity", choices=("model", "text", "category"), default="model",
                    help="with --run: ILD's notion of alike (and, with --sweep, mmr's and dpp's) - the run's item "
                         "vectors (model), its item tower's text embeddings (text: a text run), or the category")
@@ -205,7 +234,7 @@ def run_evaluate(args) -> int:
     if args.recs is None:
         raise ConfigError("--recs is required (or --sweep with --run)")
     result = ev.evaluate(args.recs, args.data, args.out, args.run, args.category_level, overwrite=args.overwrite,
-                         similarity=args.similarity)
+                         similarity=args.similarity, compare=args.compare)
     for warning in result.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     from distrec.report import main_k, number
@@ -213,6 +242,13 @@ def run_evaluate(args) -> int:
     acc, k = result["accuracy"], main_k(result["accuracy"])
     print(f"NDCG@{k} {number(acc.get(f'ndcg@{k}'), result['users'])}  HR@{k} {number(acc.get(f'hr@{k}'), result['users'])}  "
           f"({result['users']:,} users) -> {args.out}/report.html", file=sys.stderr)
+    if "retrieval" in result:
+        r, depth = result["retrieval"], result["retrieval"]["candidates"]
+        print(f"retrieval recall@{depth} {r[f'recall@{depth}']:.4f} (the ranker's ceiling)", file=sys.stderr)
+    for key, c in (result.get("compare") or {}).items():
+        if isinstance(c, dict):
+            print(f"{key}: {c['this']:.4f} vs {c['other']:.4f}, difference {c['difference']:+.4f} "
+                  f"[{c['interval95'][0]:+.4f}, {c['interval95'][1]:+.4f}] (paired bootstrap 95%)", file=sys.stderr)
     return 0
 
 
@@ -269,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _score_parser(sub)
     _evaluate_parser(sub)
+    _ranker_data_parser(sub)
     demo = sub.add_parser("demo", help="run every stage on the built-in synthetic default")
     demo.add_argument("--out", default="out/demo", help="where the demo writes (default out/demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
@@ -278,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet(args.verbose)
     verbs = {"prepare": run_prepare, "train": run_train, "score": run_score, "evaluate": run_evaluate,
-             "demo": run_demo}
+             "ranker-data": run_ranker_data, "demo": run_demo}
     try:
         return verbs[args.verb](args)
     except (DataError, ConfigError) as e:

@@ -223,8 +223,66 @@ def _kept_sweep(out: Path, data_dir: Path, run: Path | None, warnings: list[str]
     return kept
 
 
+def retrieval_stage(recs_dir: Path, data: dict, job: str | None) -> dict | None:
+    """With a ranker: the retrieval recall@K of the candidates it re-scored (the ceiling it works
+    under: a target the retriever missed is a miss whatever the ranker does), overall and on cold
+    targets, from the job's candidates-*.parquet. None for a retrieval-only job."""
+    import pyarrow.parquet as pq
+
+    paths = sorted(Path(recs_dir).glob("candidates-*.parquet"))
+    if not paths:
+        return None
+    frames = []
+    for path in paths:
+        record = json.loads(pq.read_metadata(path).metadata.get(b"distrec", b"{}"))
+        if job is not None and record.get("job") != job:
+            raise ConfigError(f"{path}: candidates of another scoring job than {Path(recs_dir) / 'job.json'}; "
+                              "re-run distrec score into an empty --out")
+        frames.append(pd.read_parquet(path))
+    cands = pd.concat(frames, ignore_index=True)
+    depth = int(cands["retrieval_rank"].max())
+    ranks = list_ranks(cands.rename(columns={"retrieval_rank": "rank"}), data["test"], data["users"], data["items"])
+    cold = np.array(data["test"]["cold_target"].to_numpy(), dtype=bool)
+    found = np.isfinite(ranks)
+    return {"candidates": depth, f"recall@{depth}": float(found.mean()),
+            f"recall@{depth}_cold_targets": float(found[cold].mean()) if cold.any() else None,
+            "users": int(len(ranks))}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b (per-user values on the same users) and its 95% percentile interval from
+    `samples` bootstrap resamples of the users (paired: one resample draws a user's both values)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for start in range(0, samples, 100):  # 100 resamples at a time: (100, users) indices
+        idx = rng.integers(0, len(diff), size=(min(100, samples - start), len(diff)))
+        means[start:start + len(idx)] = diff[idx].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(diff.mean()), "interval95": [float(low), float(high)], "samples": samples}
+
+
+def compare_lists(recs: pd.DataFrame, other_dir: Path, data_dir: Path, data: dict, k: int = 10) -> dict:
+    """These lists against another recommendations folder on the same test users: NDCG@k and
+    HR@k of each, the difference and its paired bootstrap 95% interval, overall and on cold targets."""
+    other, _ = read_recommendations(other_dir, data_dir)
+    k = min(k, int(other["rank"].max()))  # beyond the shorter list the ranking is unknown
+    mine = torch.from_numpy(list_ranks(recs, data["test"], data["users"], data["items"]))
+    theirs = torch.from_numpy(list_ranks(other, data["test"], data["users"], data["items"]))
+    cold = torch.from_numpy(np.array(data["test"]["cold_target"].to_numpy(), dtype=bool))
+    out = {"against": str(Path(other_dir).resolve())}
+    for name, f in (("ndcg", M.ndcg), ("hr", M.hit_rate)):
+        for label, mask in (("", slice(None)), ("_cold_targets", cold)):
+            a, b = f(mine[mask], k).numpy(), f(theirs[mask], k).numpy()
+            if len(a) == 0:
+                continue
+            out[f"{name}@{k}{label}"] = {"this": float(a.mean()), "other": float(b.mean()), **paired_bootstrap(a, b)}
+    return out
+
+
 def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None, category_level: int = -1,
-             overwrite: bool = False, keep_sweep: bool = False, similarity: str = "model") -> dict:
+             overwrite: bool = False, keep_sweep: bool = False, similarity: str = "model",
+             compare: Path | None = None) -> dict:
     """Metrics and report of the lists in `recs_dir` (a distrec score output) on `data_dir`'s
     test users, written into `out`. Refuses, before writing anything, an `out` holding an
     earlier report without `overwrite`, lists made from another dataset, an unfinished or
@@ -233,7 +291,7 @@ def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None,
     "warnings" are lines for the user (the CLI prints them; metrics.json and the report hold them)."""
     recs_dir, data_dir, out = Path(recs_dir), Path(data_dir), Path(out)
     run = Path(run) if run is not None else None
-    replacing = check_output(out, "evaluate", inputs=[recs_dir, data_dir, run], flag="--overwrite",
+    replacing = check_output(out, "evaluate", inputs=[recs_dir, data_dir, run, compare], flag="--overwrite",
                              overwrite=None if keep_sweep else overwrite)
     if replacing and keep_sweep and not overwrite and any(
             p.name not in (*report.SWEEP_FILES, MARKER) for p in out.iterdir()):
@@ -253,6 +311,11 @@ def evaluate(recs_dir: Path, data_dir: Path, out: Path, run: Path | None = None,
         vectors = torch.tensor(np.array(table if similarity == "model" else similar))
     result = evaluate_lists(recs, data, vectors)
     result["warnings"] = warnings + result["warnings"]
+    stage = retrieval_stage(recs_dir, data, about["job"])
+    if stage is not None:
+        result["retrieval"] = stage
+    if compare is not None:
+        result["compare"] = compare_lists(recs, Path(compare), data_dir, data, k=min(10, result["list_length"]))
     result["about"] = {"recs": str(recs_dir.resolve()), "job": about["job"], "parts": about["parts"],
                        "policy": about["policy"], "data": str(data_dir.resolve()),
                        "run": str(run.resolve()) if run is not None else None, "scored_with_run": about["run"],

@@ -24,7 +24,7 @@ from distrec.config import ConfigError
 from distrec.formats import DATA_FAMILY
 
 MARKER = ".distrec-output.json"
-STAGES = ("prepare", "train", "score", "evaluate")
+STAGES = ("prepare", "train", "score", "evaluate", "ranker-data")
 
 
 def _legacy_prepare(d: Path) -> bool:

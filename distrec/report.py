@@ -120,8 +120,28 @@ def markdown(result: dict, title: str, images: list[str], sweep: dict | None, im
               f"| slice | users | NDCG@{k} | HR@{k} |", "|---|---:|---:|---:|",
               *[f"| {s} | {m['users']:,} | {number(m.get(f'ndcg@{k}'), m['users'])} | "
                 f"{number(m.get(f'hr@{k}'), m['users'])} |" for s, m in result["slices"].items()], "",
-              *[image(i) for i in images], "", *_sweep_section(sweep, image)]
+              *_stages_section(result), *[image(i) for i in images], "", *_sweep_section(sweep, image)]
     return "\n".join(lines) + "\n"
+
+
+def _stages_section(result: dict) -> list[str]:
+    """The retrieval ceiling under a ranker, and the paired comparison with another folder."""
+    lines = []
+    r = result.get("retrieval")
+    if r:
+        depth = r["candidates"]
+        lines += ["## Retrieval stage (the ranker re-scored these candidates)", "",
+                  f"recall@{depth} of the retrieval candidates: {number(r[f'recall@{depth}'])} over {r['users']:,} "
+                  f"users (cold targets: {number(r.get(f'recall@{depth}_cold_targets'))}); a target outside them is "
+                  "a miss whatever the ranker does.", ""]
+    c = result.get("compare")
+    if c:
+        lines += [f"## Against {code(c['against'])} (same users, paired bootstrap)", "",
+                  "| metric | these lists | the other | difference | 95% interval |", "|---|---:|---:|---:|---:|",
+                  *[f"| {m} | {number(v['this'])} | {number(v['other'])} | {v['difference']:+.4f} | "
+                    f"[{v['interval95'][0]:+.4f}, {v['interval95'][1]:+.4f}] |"
+                    for m, v in c.items() if isinstance(v, dict)], ""]
+    return lines
 
 
 def html_page(markdown_text: str, title: str) -> str:

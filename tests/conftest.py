@@ -98,3 +98,39 @@ def data_dir(tmp_path_factory):
 def backbone(data_dir, tmp_path_factory):
     texts = pd.read_parquet(data_dir / "items.parquet")["text"].tolist()
     return tiny_backbone(tmp_path_factory.mktemp("bert"), texts, "bert")
+
+
+# -- the second stage: a retrieval run, its ranker samples, a ranker (once per session) -----
+
+RANKER_TOKENS = ["ranker.item_tokens=6", "ranker.history_tokens=12", "ranker.history_items=3", "ranker.per_pass=6"]
+
+
+@pytest.fixture(scope="session")
+def retrieval_run(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("retrieval") / "run"
+    assert main(["train", "--no-progress", f"data.dir={data_dir}", f"run.dir={run}", "trackers=[]",
+                 "model.item_repr=id", "model.dim=16", "model.max_len=8", "train.epochs=3"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def ranker_samples(data_dir, retrieval_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranker_data") / "samples"
+    assert main(["ranker-data", "--run", str(retrieval_run), "--data", str(data_dir), "--out", str(out),
+                 "candidates=8", "random=2", "missed=insert", "progress=false"]) == 0
+    return out
+
+
+def ranker_overrides(data_dir, backbone, samples, *more):
+    return [f"data.dir={data_dir}", "model.kind=ranker", f"model.backbone={backbone}", f"ranker.samples={samples}",
+            *RANKER_TOKENS, "peft.method=lora", "peft.r=2", "train.batch_size=16", "train.warmup_steps=2",
+            "train.eval_batch_size=32", "train.mixed_precision=no", "trackers=[]", *more]
+
+
+@pytest.fixture(scope="session")
+def ranker_run(data_dir, backbone, ranker_samples, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ranker") / "run"
+    assert main(["train", "--no-progress", f"run.dir={run}",
+                 *ranker_overrides(data_dir, backbone, ranker_samples, "train.max_steps=12", "train.eval_every=6",
+                                   "ranker.retrieval_scale=5")]) == 0
+    return run

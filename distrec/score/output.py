@@ -22,7 +22,12 @@ from distrec.outputs import check_output, fingerprint_dir, fingerprint_file, mar
 from distrec.score.config import ScoreConfig
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
-                    ("score", pa.float32()), ("relevance", pa.float32()), ("policy", pa.string())])
+                    ("score", pa.float32()), ("relevance", pa.float32()), ("policy", pa.string()),
+                    # the first stage's score of the item (= relevance without a ranker)
+                    ("retrieval_score", pa.float32())])
+# with a ranker: each user's retrieval candidates, one file per block beside its part
+CANDIDATE_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("retrieval_rank", pa.int32())])
+CANDIDATES = "candidates-{:05d}.parquet"
 
 PART = "part-{:05d}.parquet"
 
@@ -99,8 +104,11 @@ def job_inputs(cfg: ScoreConfig) -> dict:
             data_format = None
     histories = f"{cfg.users}.parquet" if cfg.users in ("test", "val") else "test.parquet"
     read = ["items.parquet", "users.parquet", histories]  # what the actors read (val.parquet only for users=val)
+    ranker = Path(cfg.ranker.run) if cfg.ranker.run else None
     return {
         "run": str(run.resolve()), "data": str(data.resolve()),
+        "ranker_run": str(ranker.resolve()) if ranker else None,
+        "ranker_checkpoint_sha256": fingerprint_dir(ranker / "best") if ranker else None,
         "checkpoint_sha256": fingerprint_dir(run / "best"),
         "tokenizer_sha256": fingerprint_dir(run / "tokenizer") if (run / "tokenizer").is_dir() else None,
         "dataset_manifest_sha256": manifest_sha, "dataset_format": data_format,
@@ -109,20 +117,24 @@ def job_inputs(cfg: ScoreConfig) -> dict:
 
 
 
-IDENTITY = ("checkpoint_sha256", "tokenizer_sha256", "dataset_manifest_sha256", "dataset_files_sha256")
+IDENTITY = ("checkpoint_sha256", "tokenizer_sha256", "dataset_manifest_sha256", "dataset_files_sha256",
+            "ranker_checkpoint_sha256")
 
 NOT_IDENTITY = ("address", "actors", "device", "progress", "overwrite")  # how it runs, not what it computes
 
 
 
 def _job_config(cfg: ScoreConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}
+    # without a ranker its section is left out: a retrieval-only job keeps the identity it had
+    # before the ranker existed, so such an output resumes across the upgrade
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and not (k == "ranker" and not cfg.ranker.run)}
 
 
 def _job_id(cfg: ScoreConfig, inputs: dict) -> str:
     """What makes two runs the same job (so a re-run may resume it): the config and the
     content of what the parts are computed from (job_inputs)."""
-    keys = {"config": _job_config(cfg), **{k: inputs.get(k) for k in IDENTITY}}
+    keys = {"config": _job_config(cfg), **{k: inputs.get(k) for k in IDENTITY
+                                           if k != "ranker_checkpoint_sha256" or inputs.get(k)}}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -135,6 +147,8 @@ def _what_differs(previous: dict, cfg: ScoreConfig, inputs: dict) -> str:
     if old_inputs.get("checkpoint_sha256") != inputs["checkpoint_sha256"] or \
             old_inputs.get("tokenizer_sha256") != inputs["tokenizer_sha256"]:
         said.append(f"the checkpoint {Path(cfg.run) / 'best'} changed since (retrained?)")
+    if old_inputs.get("ranker_checkpoint_sha256") != inputs.get("ranker_checkpoint_sha256"):
+        said.append(f"the ranker checkpoint changed (ranker.run {cfg.ranker.run})")
     if old_inputs.get("dataset_manifest_sha256") != inputs["dataset_manifest_sha256"] or \
             old_inputs.get("dataset_files_sha256") != inputs["dataset_files_sha256"]:
         said.append(f"the dataset {cfg.data} differs")
@@ -149,8 +163,8 @@ def _what_differs(previous: dict, cfg: ScoreConfig, inputs: dict) -> str:
 
 def _own_files(out: Path) -> list[Path]:
     """The files a scoring job writes into its --out (its parts, temp parts, summary, job file)."""
-    return [p for p in [*out.glob("part-*.parquet"), *out.glob(".part-*.parquet.tmp-*"), out / "summary.json",
-                        out / JOB_FILE] if p.is_file()]
+    return [p for p in [*out.glob("part-*.parquet"), *out.glob(".part-*.parquet.tmp-*"), *out.glob("candidates-*.parquet"),
+                        *out.glob(".candidates-*.parquet.tmp-*"), out / "summary.json", out / JOB_FILE] if p.is_file()]
 
 
 def open_out(cfg: ScoreConfig, out: Path) -> tuple[str, dict]:
@@ -160,7 +174,7 @@ def open_out(cfg: ScoreConfig, out: Path) -> tuple[str, dict]:
     nothing else)."""
     inputs = job_inputs(cfg)
     job = _job_id(cfg, inputs)
-    if check_output(out, "score", inputs=[cfg.run, cfg.data], flag="--overwrite", overwrite=None):
+    if check_output(out, "score", inputs=[cfg.run, cfg.data, cfg.ranker.run], flag="--overwrite", overwrite=None):
         try:
             previous = json.loads((out / JOB_FILE).read_text())
         except (OSError, ValueError):

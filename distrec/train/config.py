@@ -8,6 +8,7 @@ from typing import Literal, Optional
 from distrec.config import doc
 from distrec.models.config import ModelConfig, PeftConfig
 from distrec.models.losses import LOSSES, loss_doc
+from distrec.models.ranker import RankerConfig
 
 
 
@@ -46,6 +47,9 @@ class LoopConfig:
     cache_refresh_steps: int = doc("text models: re-encode the whole catalog every N steps (0 = at validation only)", default=0)
     eval_every: int = doc("validate every N steps (0 = once per epoch)", default=0)
     eval_users: int = doc("validate on a fixed random subset of this many users (0 = all)", default=0)
+    test_users: int = doc(
+        "test the best checkpoint on a fixed random subset of this many users (0 = all): for a ranker on a CPU, "
+        "whose full test belongs to distrec score + evaluate; results.json says how many were read", default=0)
     patience: int = doc("stop after this many validations without a better NDCG@10 (0 = never)", default=5)
     eval_batch_size: int = doc("users per scoring batch in validation and test", default=512)
     log_every: int = doc("log the training loss every N steps", default=20)
@@ -66,6 +70,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
     trackers: list[str] = doc("experiment trackers through accelerate: tensorboard, wandb, mlflow "
                                 "(keys only from the environment)", default_factory=lambda: ["tensorboard"])
     progress: bool = doc("show progress bars", default=True)
+
+    def __post_init__(self):
+        if self.model.kind == "ranker" and not self.ranker.samples:
+            raise ValueError("model.kind=ranker needs ranker.samples: the directory `distrec ranker-data` wrote "
+                             "from a retrieval run")

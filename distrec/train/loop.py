@@ -32,7 +32,8 @@ from distrec.models.run import build_model, load_model, trainable_backbone
 from distrec.train import faults, launch
 from distrec.train.checkpoint import TrainerState, load_last, save_best, save_last
 from distrec.train.config import TrainConfig
-from distrec.train.validation import split_metrics
+from distrec.train.validation import ranker_metrics, split_metrics
+from distrec.ranker_data import check_samples
 from distrec.atomic import write_atomic
 from distrec.train.rundir import RunDirectory
 
@@ -59,11 +60,18 @@ class Trainer:
         self.precision = launch.mixed_precision(cfg.train.mixed_precision)
         self.accelerator = acc = launch.accelerator(cfg, self.run_dir, deepspeed_plugin, self.precision)
         set_seed(cfg.seed)
-        self.val = pd.read_parquet(self.data_dir / "val.parquet")
-        self.test = pd.read_parquet(self.data_dir / "test.parquet")
+        # the ranker (model.kind=ranker) reads its samples, and the validation and test users'
+        # retrieval candidates, from `distrec ranker-data`'s directory, made from this dataset
+        self.ranker = cfg.model.kind == "ranker"
+        samples = Path(cfg.ranker.samples) if self.ranker else self.data_dir
+        self.ranker_samples = check_samples(samples, self.data_dir) if self.ranker else None
+        self.val = pd.read_parquet(samples / "val.parquet")
+        self.test = pd.read_parquet(samples / "test.parquet")
         if cfg.train.eval_users and len(self.val) > cfg.train.eval_users:
             self.val = self.val.sample(cfg.train.eval_users, random_state=cfg.seed).sort_index()
-        self.dataset = ShardedSamples(self.data_dir, cfg.train.batch_size, acc.process_index, acc.num_processes,
+        if cfg.train.test_users and len(self.test) > cfg.train.test_users:
+            self.test = self.test.sample(cfg.train.test_users, random_state=cfg.seed).sort_index()
+        self.dataset = ShardedSamples(samples, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                       seed=cfg.seed, max_history=cfg.model.max_len, verify=cfg.data.verify)
         steps_per_epoch = len(self.dataset) // cfg.train.grad_accum
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * max(steps_per_epoch, 1)
@@ -86,13 +94,14 @@ class Trainer:
                 raise ConfigError(f"model.item_repr={cfg.model.item_repr} has nothing to train: run it without DeepSpeed")
             self.wrapped, self.optimizer, self.scheduler = acc.prepare(self.model), None, None
         else:
-            self._set_objective(torch.tensor(self.items["train_count"].to_numpy()),
-                                cfg.train.batch_size * cfg.model.max_len)
+            if not self.ranker:
+                self._set_objective(torch.tensor(self.items["train_count"].to_numpy()),
+                                    cfg.train.batch_size * cfg.model.max_len)
             self.wrapped, self.optimizer, self.scheduler, self._zero3_unreached = launch.prepare(
                 acc, self.model, cfg, self.total_steps, self.precision, plugin)
         self.model = acc.unwrap_model(self.wrapped)
         self.state = TrainerState()
-        self.learns_text = trainable_backbone(self.model)
+        self.learns_text = trainable_backbone(self.model) and not self.ranker  # live items in the item cache
 
     def _set_objective(self, counts: torch.Tensor, positions: int) -> None:
         o, t = self.model.objective, self.cfg.train
@@ -102,7 +111,8 @@ class Trainer:
     def _model(self, init_from):
         cfg = self.cfg
         if init_from is None:
-            return build_model(cfg.model, cfg.peft, self.items, self.total_steps)
+            return build_model(cfg.model, cfg.peft, self.items, self.total_steps, ranker_cfg=cfg.ranker,
+                               pos_weight=cfg.train.pos_weight)
         # continue fine-tuning an earlier run; new items start from their text
         model = load_model(Path(init_from) / "best", self.items, Path(init_from) / "tokenizer")
         return model, getattr(model, "tokenizer", None)
@@ -148,7 +158,11 @@ class Trainer:
     def _validate(self) -> dict:
         self._retrace()
         self.model.eval()
-        metrics = split_metrics(self.model, self.val, self._table(), self.accelerator, self.cfg.train.eval_batch_size)["all"]
+        if self.ranker:
+            metrics = ranker_metrics(self.model, self.val, self.accelerator, self.cfg.train.eval_batch_size)["all"]
+        else:
+            metrics = split_metrics(self.model, self.val, self._table(), self.accelerator,
+                                    self.cfg.train.eval_batch_size)["all"]
         self.model.train()
         return metrics
 
@@ -268,8 +282,10 @@ class Trainer:
         hooks = model.peft if model.uses_text and model.peft is not None else NO_HOOKS
         with acc.accumulate(self.wrapped):
             live = self._live_items(target) if self.learns_text else None
+            # the ranker reads its candidates and their retrieval scores where the towers read live items
+            extra = (batch["candidates"].to(acc.device), batch["scores"].to(acc.device)) if self.ranker else (live,)
             with acc.autocast():
-                loss, live_pooled, regulariser = self.wrapped(history, target, live)
+                loss, live_pooled, regulariser = self.wrapped(history, target, *extra)
             if self.deepspeed:
                 # the engine directly (accelerate's backward also steps): AdaLoRA must read the
                 # gradients between backward and step, and mask the fp32 master after it
@@ -322,13 +338,18 @@ class Trainer:
         acc.wait_for_everyone()
         best = load_model(self.run_dir / "best", self.items, self.run_dir / "tokenizer").to(acc.device)
         best.eval()
-        with self._autocast():
-            best.refresh_cache(self.cfg.train.eval_batch_size)
-        with torch.no_grad(), self._autocast():
-            table = best.item_table().float()
         cold = self.test["cold_target"].to_numpy()
-        test = split_metrics(best, self.test, table, acc, self.cfg.train.eval_batch_size, {"cold": cold, "warm": ~cold})
-        valid = split_metrics(best, self.val, table, acc, self.cfg.train.eval_batch_size)["all"]
+        slices, size = {"cold": cold, "warm": ~cold}, self.cfg.train.eval_batch_size
+        if self.ranker:
+            test = ranker_metrics(best, self.test, acc, size, slices)
+            valid = ranker_metrics(best, self.val, acc, size)["all"]
+        else:
+            with self._autocast():
+                best.refresh_cache(size)
+            with torch.no_grad(), self._autocast():
+                table = best.item_table().float()
+            test = split_metrics(best, self.test, table, acc, size, slices)
+            valid = split_metrics(best, self.val, table, acc, size)["all"]
         results = {
             "valid": valid, "test": test["all"], "test_cold": test["cold"], "test_warm": test["warm"],
             "best_step": self.state.best_step, "steps": self.state.global_step, "epochs": self._epochs_done(),
@@ -338,6 +359,10 @@ class Trainer:
             "data": {k: self.run.identity[k] for k in ("dir", "manifest_sha256")}, "init_from": self.run.init_record,
             "warnings": self.run.warnings,
         }
+        if self.ranker:  # what its candidates came from
+            results["ranker"] = {"samples": str(Path(self.cfg.ranker.samples).resolve()),
+                                 "retrieval_run": self.ranker_samples["retrieval_run"],
+                                 "candidates": self.ranker_samples["candidates"]}
         self._log({"event": "test", "step": self.state.global_step,
                    **{f"test/{k}": v for k, v in test["all"].items() if k != "users"}})
         if acc.is_main_process:
