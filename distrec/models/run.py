@@ -116,7 +116,9 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, items: pd.DataFram
             backbone, tokenizer = load_backbone(model_cfg.backbone, model_cfg.trust_remote_code,
                                                 model_cfg.backbone_dropout)
             backbone = apply_peft(backbone, peft_cfg, total_steps)
-        model = Ranker(ranker_cfg or RankerConfig(), backbone, tokenizer, items["text"].tolist(), len(items), pos_weight)
+        pooling = pooling_for(backbone.base_model if hasattr(backbone, "peft_config") else backbone, model_cfg.pooling)
+        model = Ranker(ranker_cfg or RankerConfig(), backbone, tokenizer, items["text"].tolist(), len(items), pos_weight,
+                       pooling)
         model.model_cfg, model.peft = model_cfg, METHODS[peft_cfg.method]
         return model, tokenizer
     if model_cfg.item_repr == "popularity":

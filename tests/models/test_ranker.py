@@ -123,3 +123,21 @@ def test_a_decoder_backbone_ranks_too(data_dir, tmp_path):
     assert scores.shape == (2, 3) and torch.isfinite(scores[0]).all() and torch.isneginf(scores[1, 2])
     _, tokenizer = load_backbone(llama)
     assert model.sep == (tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id)
+
+
+def test_an_encoder_reads_each_candidate_as_the_mean_of_its_span_a_decoder_at_its_separator(data_dir, backbone,
+                                                                                             tmp_path):
+    from tests.tiny import tiny_backbone
+
+    texts = pd.read_parquet(data_dir / "items.parquet")["text"].tolist()
+    for path, pooling in ((backbone, "mean"), (tiny_backbone(tmp_path / "llama", texts, "llama"), "last")):
+        model, _, _ = _ranker(data_dir, path)
+        assert model.pooling == pooling
+        histories, candidates = [[1, 2]], torch.tensor([[4, 5, 6]])
+        ids, mask, markers, _, _ = model.passes(histories, candidates)
+        starts = model._starts
+        with torch.no_grad():
+            hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+            expected = [model.head(hidden[s:e + 1].mean(0) if pooling == "mean" else hidden[e]).item()
+                        for s, e in zip(starts[0].tolist(), markers[0].tolist())]
+        torch.testing.assert_close(model.score(histories, candidates)[0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
