@@ -41,7 +41,8 @@ class RankerConfig:
         "cross-entropy per (history, candidate) pair, the seed article's objective", default="listwise")
     per_pass: int = doc(
         "candidates read in one forward pass beside the history (1 = one pair per pass, the classic "
-        "cross-encoder; more = one pass per user reads the history once: measured far cheaper on CPU)", default=24)
+        "cross-encoder; more = one pass per user reads the history once: 1.4x (K=20) to 3.3x (K=50) fewer "
+        "seconds per user on this CPU, BENCHMARKS.md)", default=24)
     history_items: int = doc("the user's latest items the ranker reads", default=5)
     history_tokens: int = doc("token budget of the history text (its oldest items are cut first)", default=64)
     item_tokens: int = doc("token budget of each candidate's text", default=12)
