@@ -123,7 +123,8 @@ class Ranker(nn.Module):
         return [t for piece in pieces for t in piece]
 
     def passes(self, histories: list, candidates: torch.Tensor):
-        """Token ids (P, T), attention mask (P, T), marker positions (P, per_pass; -1 = none) and
+        """Token ids (P, T), attention mask (P, T), marker positions and each candidate's first token
+        (P, per_pass; -1 = none), and
         each pass's user row and first candidate column: a user's C candidates in ceil(C / per_pass)
         passes, right-padded."""
         per = self.cfg.per_pass
@@ -154,14 +155,13 @@ class Ranker(nn.Module):
         for r, row in enumerate(rows):
             ids[r, :len(row)] = torch.tensor(row)
             mask[r, :len(row)] = 1
-        self._starts = torch.tensor(starts)  # each candidate's first token (for mean pooling)
-        return ids, mask, torch.tensor(markers), owners, size
+        return ids, mask, torch.tensor(markers), torch.tensor(starts), owners, size
 
     def logits(self, histories: list, candidates: torch.Tensor, retrieval: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) candidate scores (-inf where the candidate is -1, padding); `retrieval` (B, C): the
         first stage's scores, added times `retrieval_scale`."""
         device = self.head.weight.device
-        ids, mask, markers, owners, size = self.passes(histories, candidates)
+        ids, mask, markers, starts, owners, size = self.passes(histories, candidates)
         hidden = self.backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         valid = markers >= 0
         rows = torch.arange(len(markers)).unsqueeze(1).expand_as(markers)
@@ -169,7 +169,7 @@ class Ranker(nn.Module):
             picked = hidden[rows[valid].to(device), markers[valid].to(device)]  # (n, H)
         else:  # the mean of each candidate's span: its text and its separator
             positions = torch.arange(ids.shape[1])
-            span = (positions >= self._starts.unsqueeze(-1)) & (positions <= markers.unsqueeze(-1))  # (P, S, T)
+            span = (positions >= starts.unsqueeze(-1)) & (positions <= markers.unsqueeze(-1))  # (P, S, T)
             span = (span & valid.unsqueeze(-1)).to(device=device, dtype=hidden.dtype)
             pooled = torch.einsum("pst,pth->psh", span, hidden) / span.sum(-1, keepdim=True).clamp(min=1)
             picked = pooled[valid.to(device)]

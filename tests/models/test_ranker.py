@@ -27,7 +27,7 @@ def _ranker(data_dir, backbone, **cfg):
 def test_a_pass_reads_the_newest_history_first_then_each_candidate_before_its_marker(data_dir, backbone):
     model, tokenizer, _ = _ranker(data_dir, backbone, history_tokens=100)
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    ids, mask, markers, owners, size = model.passes([[0, 1, 2]], torch.tensor([[5, 6, 7, 8]]))
+    ids, mask, markers, starts, owners, size = model.passes([[0, 1, 2]], torch.tensor([[5, 6, 7, 8]]))
     # 4 candidates at per_pass 3 -> 2 even passes of 2
     assert size == 2 and owners == [(0, 0), (0, 2)]
     item = model.items
@@ -35,6 +35,7 @@ def test_a_pass_reads_the_newest_history_first_then_each_candidate_before_its_ma
     first = head + item[5] + [sep] + item[6] + [sep]
     assert ids[0, :len(first)].tolist() == first and int(mask[0].sum()) == len(first)
     assert markers[0].tolist() == [len(head) + len(item[5]), len(first) - 1]
+    assert starts[0].tolist() == [len(head), len(head) + len(item[5]) + 1]
     assert all(ids[0, m] == sep for m in markers[0].tolist())
 
 
@@ -134,8 +135,7 @@ def test_an_encoder_reads_each_candidate_as_the_mean_of_its_span_a_decoder_at_it
         model, _, _ = _ranker(data_dir, path)
         assert model.pooling == pooling
         histories, candidates = [[1, 2]], torch.tensor([[4, 5, 6]])
-        ids, mask, markers, _, _ = model.passes(histories, candidates)
-        starts = model._starts
+        ids, mask, markers, starts, _, _ = model.passes(histories, candidates)
         with torch.no_grad():
             hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0]
             expected = [model.head(hidden[s:e + 1].mean(0) if pooling == "mean" else hidden[e]).item()
