@@ -145,14 +145,22 @@ class BlockScorer:
             dtype = torch.bfloat16 if bf16_is_fast() else None
         return ranker, dtype
 
-    def second_stage(self, relevance: torch.Tensor, candidates: torch.Tensor, histories: list):
+    def second_stage(self, relevance: torch.Tensor, candidates: torch.Tensor, histories: list,
+                     user_vectors: torch.Tensor | None = None):
         """(relevance, candidates, retrieval relevance), each (B, N'): with a ranker, the top
-        `ranker.candidates` retrieved re-scored by it (ordered by its score, padding last), the
-        retrieval scores beside them; without one, the retrieval lists as they are."""
+        `ranker.candidates` retrieved, and the user's `ranker.new_items` best-scored new items
+        beside them, re-scored by it (ordered by its score, padding last), the retrieval scores
+        beside them; without one, the retrieval lists as they are."""
         if self.ranker is None:
             return relevance, candidates, relevance
         n = self.cfg.ranker.candidates
         retrieved, items = relevance[:, :n], candidates[:, :n]
+        if self.cfg.ranker.new_items and user_vectors is not None:
+            # cold items the whole-catalog top-N rarely holds (their vector is their text alone):
+            # the ranker reads their text and decides whether they rise
+            best, ids = self.best_new_items(user_vectors, histories, items, retrieved, self.cfg.ranker.new_items)
+            retrieved = torch.cat([retrieved, best.to(retrieved.dtype)], 1)
+            items = torch.cat([items, ids], 1)
         padding = torch.isneginf(retrieved)
         with torch.autocast(self.device.type, dtype=self.ranker_dtype or torch.float32,
                             enabled=self.ranker_dtype is not None):
@@ -178,33 +186,71 @@ class BlockScorer:
         return self.retriever(histories)
 
     @torch.no_grad()
-    def reserve_new_items(self, items: torch.Tensor, relevance: torch.Tensor, user_vectors: torch.Tensor,
-                          histories: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """`new_item_slots`: each list (B, k) gets at least that many new items within its first
-        `new_item_rank` positions. The user's best-scored new items, unseen and not yet listed,
-        go in at the end of that window; the items they displace move down (the last drop off)."""
-        slots, window, k = self.cfg.new_item_slots, min(self.cfg.new_item_rank, self.cfg.k), items.shape[1]
-        if not slots or not len(self.new_items):
-            return items, relevance
+    def best_new_items(self, user_vectors: torch.Tensor, histories: list, listed: torch.Tensor,
+                       relevance: torch.Tensor, count: int, hide: torch.Tensor | None = None):
+        """(retrieval scores, item indices), each (B, count): each user's best-scored new items
+        that are unseen and not in `listed` (B, L) where its `relevance` is not -inf, nor in
+        `hide` (B, H); -inf score and index 0 where fewer exist."""
+        rows = len(histories)
+        if not len(self.new_items) or not count:
+            return torch.full((rows, count), float("-inf")), torch.zeros((rows, count), dtype=torch.long)
         scores = (user_vectors.float() @ self.device_table[self.new_items.to(self.device)].float().T).cpu()
-        place = self.new_place[items]
+        place = self.new_place[listed]
         shown = (place >= 0) & ~torch.isneginf(relevance)
+        hidden_places = self.new_place[hide] if hide is not None else None
         for row, history in enumerate(histories):
             seen = self.new_place[torch.as_tensor(np.asarray(history, dtype=np.int64))] if len(history) else place[row, :0]
-            for hidden in (seen, place[row][shown[row]]):
+            for hidden in (seen, place[row][shown[row]], *(() if hidden_places is None else (hidden_places[row],))):
                 scores[row, hidden[hidden >= 0]] = -torch.inf
+        if scores.shape[1] < count:  # fewer new items in the catalog than asked for
+            scores = torch.cat([scores, torch.full((rows, count - scores.shape[1]), float("-inf"))], 1)
+        best, picks = scores.topk(count, dim=1)
+        ids = self.new_items[picks.clamp(max=len(self.new_items) - 1)].masked_fill(torch.isneginf(best), 0)
+        return best, ids
+
+    @torch.no_grad()
+    def reserve_new_items(self, items: torch.Tensor, columns: list[torch.Tensor], user_vectors: torch.Tensor,
+                          histories: list, pool: tuple | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`new_item_slots`: each list (B, k) gets at least that many new items within its first
+        `new_item_rank` positions; (items, columns) with the score columns (B, k each; the first
+        decides what is listed: -inf is padding) moved alike. The items put in go at the end of
+        that window; the items they displace move down (the last drop off). They are, first, the
+        new items of `pool` (candidates (B, P) and their columns, best first: the ranker's)
+        that are not listed yet, with their columns' values; then the user's best-scored unseen
+        new items, carrying their retrieval score in every column."""
+        slots, window, k = self.cfg.new_item_slots, min(self.cfg.new_item_rank, self.cfg.k), items.shape[1]
+        if not slots or not len(self.new_items):
+            return items, columns
+        relevance = columns[0]
+        place = self.new_place[items]
+        shown = (place >= 0) & ~torch.isneginf(relevance)
         need = (slots - shown[:, :window].sum(1)).clamp(min=0)
-        best, picks = scores.topk(min(slots, scores.shape[1]), dim=1)
-        items, relevance = items.clone(), relevance.clone()
+        best, ids = self.best_new_items(user_vectors, histories, items, relevance, slots,
+                                        hide=None if pool is None else pool[0])
+        items, columns = items.clone(), [c.clone() for c in columns]
         for row in torch.nonzero(need).flatten().tolist():
-            chosen = [j for j in range(int(need[row])) if not torch.isneginf(best[row, j])]
-            if not chosen:
+            new_ids, values = [], [[] for _ in columns]
+            if pool is not None:
+                listed = set(items[row][~torch.isneginf(relevance[row])].tolist())
+                for j, item in enumerate(pool[0][row].tolist()):
+                    if len(new_ids) == need[row]:
+                        break
+                    if self.new_place[item] >= 0 and item not in listed and not torch.isneginf(pool[1][0][row, j]):
+                        new_ids.append(item)
+                        for v, column in zip(values, pool[1]):
+                            v.append(float(column[row, j]))
+            for j in range(int(need[row]) - len(new_ids)):
+                if not torch.isneginf(best[row, j]):
+                    new_ids.append(int(ids[row, j]))
+                    for v in values:
+                        v.append(float(best[row, j]))
+            if not new_ids:
                 continue
-            cut = window - len(chosen)
-            new_ids = self.new_items[picks[row, chosen]]
-            items[row] = torch.cat([items[row, :cut], new_ids, items[row, cut:]])[:k]
-            relevance[row] = torch.cat([relevance[row, :cut], best[row, chosen].to(relevance.dtype), relevance[row, cut:]])[:k]
-        return items, relevance
+            cut = window - len(new_ids)
+            items[row] = torch.cat([items[row, :cut], torch.tensor(new_ids, dtype=items.dtype), items[row, cut:]])[:k]
+            for column, v in zip(columns, values):
+                column[row] = torch.cat([column[row, :cut], torch.tensor(v, dtype=column.dtype), column[row, cut:]])[:k]
+        return items, columns
 
     @torch.no_grad()
     def recommend(self, histories: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -212,9 +258,11 @@ class BlockScorer:
         A user with fewer than k unseen candidates has -inf relevance at the end of its row:
         padding (a seen item), never to be shown (score_block drops it)."""
         relevance, candidates, empty, users = self._candidates(histories)
-        relevance, candidates, _ = self.second_stage(relevance, candidates, histories)
+        relevance, candidates, retrieved = self.second_stage(relevance, candidates, histories, users)
         picks = self.rerank(relevance, candidates, histories)
-        items, relevance = self.reserve_new_items(candidates.gather(1, picks), relevance.gather(1, picks), users, histories)
+        pool = None if self.ranker is None else (candidates, [relevance, retrieved])
+        items, (relevance,) = self.reserve_new_items(candidates.gather(1, picks), [relevance.gather(1, picks)], users,
+                                                     histories, pool)
         return items, relevance, empty
 
     def rerank(self, relevance, candidates, histories, filled: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,14 +294,15 @@ class BlockScorer:
         relevance, candidates, empty, user_vectors = self._candidates(histories)
         if self.ranker is not None:
             self._write_candidates(block, users, relevance, candidates)
-        relevance, candidates, retrieved = self.second_stage(relevance, candidates, histories)
+        relevance, candidates, retrieved = self.second_stage(relevance, candidates, histories, user_vectors)
         filled = torch.zeros(len(users), dtype=torch.bool)
         picks = self.rerank(relevance, candidates, histories, filled)
-        # the same insertions into both (they depend on the items and the -inf padding only): a new
-        # item put in by new_item_slots carries its retrieval score in both columns
-        listed = candidates.gather(1, picks)
-        retrieved = self.reserve_new_items(listed, retrieved.gather(1, picks), user_vectors, histories)[1]
-        items, relevance = self.reserve_new_items(listed, relevance.gather(1, picks), user_vectors, histories)
+        # with a ranker, new_item_slots takes the new items it scored first (ranker.new_items), by
+        # its score; a new item from outside its candidates carries its retrieval score in both columns
+        pool = None if self.ranker is None else (candidates, [relevance, retrieved])
+        items, (relevance, retrieved) = self.reserve_new_items(
+            candidates.gather(1, picks), [relevance.gather(1, picks), retrieved.gather(1, picks)], user_vectors,
+            histories, pool)
         n, k = items.shape
         # -inf relevance is padding (a seen item: the user has fewer unseen candidates than
         # k); every policy puts it last, so dropping it leaves each list shorter, in order

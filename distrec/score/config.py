@@ -39,14 +39,19 @@ class RankerStageConfig:
         default=None)
     candidates: int = doc("retrieval candidates the ranker re-scores per user (the list is picked among them)",
                           default=50)
+    new_items: int = doc(
+        "the user's best-scored unseen new items (no training interaction) the ranker reads beside the retrieved "
+        "ones: a cold item's vector is its text alone, so the whole-catalog top-N rarely holds one, and the "
+        "ranker, which reads its text, decides whether it rises. With new_item_slots, a slot takes the new item "
+        "the ranker scored highest (0 = off; the retrieval recall@K counts the retrieved ones only)", default=0)
     batch_size: int = doc("users per ranker forward", default=32)
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "the ranker's forward: 'auto' = bf16 autocast on CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16 "
         "(measured 1.6x faster on this CPU at ~300 tokens), else fp32", default="auto")
 
     def __post_init__(self):
-        if self.candidates < 1 or self.batch_size < 1:
-            raise ValueError("ranker.candidates and ranker.batch_size must be >= 1")
+        if self.candidates < 1 or self.batch_size < 1 or self.new_items < 0:
+            raise ValueError("ranker.candidates and ranker.batch_size must be >= 1, ranker.new_items >= 0")
 
 
 @dataclass

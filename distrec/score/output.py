@@ -126,8 +126,12 @@ NOT_IDENTITY = ("address", "actors", "device", "progress", "overwrite")  # how i
 
 def _job_config(cfg: ScoreConfig) -> dict:
     # without a ranker its section is left out: a retrieval-only job keeps the identity it had
-    # before the ranker existed, so such an output resumes across the upgrade
-    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and not (k == "ranker" and not cfg.ranker.run)}
+    # before the ranker existed, so such an output resumes across the upgrade (likewise a
+    # two-stage job without ranker.new_items, which came later)
+    config = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and not (k == "ranker" and not cfg.ranker.run)}
+    if "ranker" in config and not cfg.ranker.new_items:
+        config["ranker"] = {k: v for k, v in config["ranker"].items() if k != "new_items"}
+    return config
 
 
 def _job_id(cfg: ScoreConfig, inputs: dict) -> str:

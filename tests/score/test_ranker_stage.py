@@ -65,6 +65,47 @@ def test_the_ranker_reorders_the_retrieval_candidates_as_a_plain_loop_does(two_s
     assert summary["users_scored"] == len(test)
 
 
+def test_new_items_join_the_ranker_candidates_and_the_slot_takes_its_best(retrieval_run, ranker_run, data_dir,
+                                                                          tmp_path):
+    """ranker.new_items=2: each user's two best-scored unseen new items (outside the top N) are
+    re-scored beside the retrieved; new_item_slots=1 then takes the new item the ranker scored
+    highest (its scores in both columns), against a plain per-user loop."""
+    assert _score(retrieval_run, data_dir, tmp_path / "cold", f"ranker.run={ranker_run}", f"ranker.candidates={N}",
+                  "ranker.precision=fp32", "ranker.new_items=2", "new_item_slots=1") == 0
+    recs = read_recommendations(tmp_path / "cold").sort_values(["user_id", "rank"])
+    test = pd.read_parquet(data_dir / "test.parquet")
+    users = pd.read_parquet(data_dir / "users.parquet").set_index("index")["user_id"]
+    items = pd.read_parquet(data_dir / "items.parquet")
+    new = np.flatnonzero(items["train_count"].to_numpy() == 0)
+    assert len(new) >= 3
+    table, popularity, _ = catalog_vectors(retrieval_run, items)
+    retriever = Retriever(retrieval_run, items, torch.from_numpy(table), torch.from_numpy(popularity), 12)
+    ranker = load_model(ranker_run / "best", items, ranker_run / "tokenizer").eval()
+    by_user = {u: frame for u, frame in recs.groupby("user_id")}
+    slotted = 0
+    for user, history in zip(test["user"], test["history"]):
+        relevance, candidates, _, vector = retriever([list(history)])
+        top, retrieved = candidates[0, :N].tolist(), relevance[0, :N].tolist()
+        scored = {int(i): float(vector[0] @ torch.from_numpy(table[i])) for i in new
+                  if i not in set(history) and i not in top}
+        cold = sorted(scored, key=lambda i: -scored[i])[:2]
+        pool, first = top + cold, retrieved + [scored[i] for i in cold]
+        scores = ranker.score([list(history)], torch.tensor([pool]), torch.tensor([first]))[0]
+        order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+        listed = [pool[j] for j in order[:5]]
+        values = [(float(scores[j]), first[j]) for j in order[:5]]
+        if not any(i in set(new.tolist()) for i in listed):
+            # the new item the ranker scored highest (retrieved or added), at the end of the window
+            j = next(j for j in order if pool[j] in set(new.tolist()))
+            listed, values = listed[:4] + [pool[j]], values[:4] + [(float(scores[j]), first[j])]
+            slotted += 1
+        got = by_user[users[user]]
+        assert list(got["item_id"]) == [items["item_id"][i] for i in listed]
+        np.testing.assert_allclose(got["relevance"], [v for v, _ in values], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["retrieval_score"], [r for _, r in values], rtol=1e-5, atol=1e-5)
+    assert slotted > 0
+
+
 def test_evaluate_reports_the_retrieval_ceiling_and_a_paired_interval(two_stage, data_dir, tmp_path):
     assert main(["evaluate", "--recs", str(two_stage / "ranked"), "--data", str(data_dir), "--out",
                  str(tmp_path / "ev"), "--compare", str(two_stage / "retrieval")]) == 0
