@@ -212,30 +212,30 @@ class BlockScorer:
     def reserve_new_items(self, items: torch.Tensor, columns: list[torch.Tensor], user_vectors: torch.Tensor,
                           histories: list, pool: tuple | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`new_item_slots`: each list (B, k) gets at least that many new items within its first
-        `new_item_rank` positions; (items, columns) with the score columns (B, k each; the first
-        decides what is listed: -inf is padding) moved alike. The items put in go at the end of
-        that window; the items they displace move down (the last drop off). They are, first, the
-        new items of `pool` (candidates (B, P) and their columns, best first: the ranker's)
-        that are not listed yet, with their columns' values; then the user's best-scored unseen
-        new items, carrying their retrieval score in every column."""
+        `new_item_rank` positions (the window); (items, columns) with the score columns (B, k
+        each; the first decides what is listed: -inf is padding) moved alike. The items put in go
+        at the end of the window; the items they displace move down (the last drop off), and one
+        already listed below the window moves up from there. They are, first, the new items of
+        `pool` (candidates (B, P) and their columns, best first: the ranker's) outside the
+        window, with their columns' values; then the user's best-scored unseen new items outside
+        the window, carrying their retrieval score in every column."""
         slots, window, k = self.cfg.new_item_slots, min(self.cfg.new_item_rank, self.cfg.k), items.shape[1]
         if not slots or not len(self.new_items):
             return items, columns
         relevance = columns[0]
-        place = self.new_place[items]
-        shown = (place >= 0) & ~torch.isneginf(relevance)
-        need = (slots - shown[:, :window].sum(1)).clamp(min=0)
-        best, ids = self.best_new_items(user_vectors, histories, items, relevance, slots,
+        shown = (self.new_place[items[:, :window]] >= 0) & ~torch.isneginf(relevance[:, :window])
+        need = (slots - shown.sum(1)).clamp(min=0)
+        best, ids = self.best_new_items(user_vectors, histories, items[:, :window], relevance[:, :window], slots,
                                         hide=None if pool is None else pool[0])
         items, columns = items.clone(), [c.clone() for c in columns]
         for row in torch.nonzero(need).flatten().tolist():
             new_ids, values = [], [[] for _ in columns]
             if pool is not None:
-                listed = set(items[row][~torch.isneginf(relevance[row])].tolist())
+                in_window = set(items[row, :window][~torch.isneginf(relevance[row, :window])].tolist())
                 for j, item in enumerate(pool[0][row].tolist()):
                     if len(new_ids) == need[row]:
                         break
-                    if self.new_place[item] >= 0 and item not in listed and not torch.isneginf(pool[1][0][row, j]):
+                    if self.new_place[item] >= 0 and item not in in_window and not torch.isneginf(pool[1][0][row, j]):
                         new_ids.append(item)
                         for v, column in zip(values, pool[1]):
                             v.append(float(column[row, j]))
@@ -247,9 +247,11 @@ class BlockScorer:
             if not new_ids:
                 continue
             cut = window - len(new_ids)
-            items[row] = torch.cat([items[row, :cut], torch.tensor(new_ids, dtype=items.dtype), items[row, cut:]])[:k]
+            rest = ~torch.isin(items[row, cut:], torch.tensor(new_ids, dtype=items.dtype))  # a moved item leaves its place
+            items[row] = torch.cat([items[row, :cut], torch.tensor(new_ids, dtype=items.dtype), items[row, cut:][rest]])[:k]
             for column, v in zip(columns, values):
-                column[row] = torch.cat([column[row, :cut], torch.tensor(v, dtype=column.dtype), column[row, cut:]])[:k]
+                column[row] = torch.cat([column[row, :cut], torch.tensor(v, dtype=column.dtype),
+                                         column[row, cut:][rest]])[:k]
         return items, columns
 
     @torch.no_grad()

@@ -71,7 +71,8 @@ class ScoreConfig:
     new_item_slots: int = doc(
         "lists hold at least this many new items (items with no training interaction: cold ones) within their "
         "first `new_item_rank` positions; where the list (after the policy) has fewer, the user's best-scored "
-        "unseen new items are put there and the rest move down (0 = off)", default=0)
+        "unseen new items outside them are put there (one listed lower moves up) and the rest move down (0 = off)",
+        default=0)
     new_item_rank: int = doc("new_item_slots: the positions they are reserved in (the first N of each list)",
                              default=10)
     batch_size: int = doc("users per block (one Parquet part each)", default=1024)
