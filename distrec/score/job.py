@@ -154,11 +154,16 @@ def gpu_layout(node_cpus: list[int], node_gpus: list[int], blocks: int, asked: i
 @contextlib.contextmanager
 def _ray_output(loud: bool):
     """Unless `loud`, keep Ray's INFO lines and Ray Data's progress logging off the terminal
-    (they stay in Ray's session logs): one bar of our own instead (score). Restored after."""
+    (they stay in Ray's session logs): one bar of our own instead (score); and Ray Data's
+    no-progress timeout off. Restored after."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_no_progress_timeout_s
+    # Ray Data fails a dataset that yields no output for 30 min; a task here is several blocks
+    # and yields when all are written, which a ranker on a loaded CPU took longer than that
+    # for (the parts on disk are the job's progress, and a re-run resumes from them)
+    ctx.execution_no_progress_timeout_s = -1
     levels = []
     if not loud:
         ctx.enable_progress_bars = ctx.print_on_execution_start = False
@@ -170,7 +175,7 @@ def _ray_output(loud: bool):
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_no_progress_timeout_s = saved
         for handler, level in levels:
             handler.setLevel(level)
 
@@ -179,6 +184,12 @@ def _init_ray(cfg: ScoreConfig, loud: bool) -> None:
     import ray
 
     if not ray.is_initialized():
+        if not cfg.address:
+            # a local Ray starts its workers at nice 15: the scoring actors, which are the job,
+            # then got ~5% of a core beside any other process (a training run on the same
+            # machine) and a two-stage block took 16 min instead of ~1; on a cluster (address=)
+            # the niceness is the cluster's to set
+            os.environ.setdefault("RAY_worker_niceness", "0")
         # no address: a fresh local Ray, never a cluster `ray start` left running on this machine
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=loud,
                  logging_level=logging.INFO if loud else logging.ERROR,

@@ -573,3 +573,33 @@ def test_a_policy_registered_by_a_test_alone_runs_through_the_config_the_scorer_
     assert toy_point["ndcg@10"] != none["ndcg@10"]  # the same items in another order
     for same in ("ild@10", "catalog_coverage@10", "category_coverage@10"):  # ... so the same sets
         assert toy_point[same] == pytest.approx(none[same])
+
+
+@pytest.mark.timeout(1200)
+def test_a_block_slower_than_ray_datas_no_progress_timeout_still_finishes(trained, tmp_path):
+    """Ray Data fails a dataset that yields nothing for its no-progress timeout (30 min by
+    default); a task of several slow blocks (a ranker on a loaded CPU) outlasted it. Here the
+    timeout is 0.2 s, shorter than any task: the job must still finish, every user once."""
+    out = tmp_path / "slow"
+    env = {**os.environ, "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "0.2"}
+    done = subprocess.run([sys.executable, "-m", "distrec", "score", "--run", str(trained / "run"), "--data",
+                           str(trained / "data"), "--out", str(out), "k=5", "candidates=20", "batch_size=50",
+                           "progress=false"], env=env, capture_output=True, text=True, timeout=1100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recs = read_recommendations(out)
+    assert recs["user_id"].nunique() == len(pd.read_parquet(trained / "data" / "test.parquet"))
+
+
+@pytest.mark.timeout(600)
+def test_a_local_rays_scoring_workers_run_at_the_drivers_niceness():
+    """A local Ray starts workers at nice 15, which starved the scoring actors beside any other
+    process; distrec's local Ray starts them at 0 (a fresh interpreter: a Ray of its own)."""
+    probe = ("import os, ray\n"
+             "from distrec.score.config import ScoreConfig\n"
+             "from distrec.score.job import _init_ray\n"
+             "_init_ray(ScoreConfig(), False)\n"
+             "print('nice', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"nice {os.nice(0)}" in done.stdout
