@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    address = ray_cfg.address if ray_cfg.address != "auto" or os.environ.get("RAY_ADDRESS") else None
+    if address is None:  # a local Ray of its own: workers at nice 0, not Ray's 15 (distrec.score.job._init_ray)
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
-        ray.init(address=ray_cfg.address if ray_cfg.address != "auto" or os.environ.get("RAY_ADDRESS") else None,
-                 log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
         print(f"error: no Ray cluster answers at ray.address={ray_cfg.address} ({e}); start one with "
               "`ray start --head` or pass the head's address", file=sys.stderr)
