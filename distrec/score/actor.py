@@ -146,7 +146,7 @@ class BlockScorer:
         return ranker, dtype
 
     def second_stage(self, relevance: torch.Tensor, candidates: torch.Tensor, histories: list,
-                     user_vectors: torch.Tensor | None = None):
+                     user_vectors: torch.Tensor):
         """(relevance, candidates, retrieval relevance), each (B, N'): with a ranker, the top
         `ranker.candidates` retrieved, and the user's `ranker.new_items` best-scored new items
         beside them, re-scored by it (ordered by its score, padding last), the retrieval scores
@@ -155,7 +155,7 @@ class BlockScorer:
             return relevance, candidates, relevance
         n = self.cfg.ranker.candidates
         retrieved, items = relevance[:, :n], candidates[:, :n]
-        if self.cfg.ranker.new_items and user_vectors is not None:
+        if self.cfg.ranker.new_items:
             # cold items the whole-catalog top-N rarely holds (their vector is their text alone):
             # the ranker reads their text and decides whether they rise
             best, ids = self.best_new_items(user_vectors, histories, items, retrieved, self.cfg.ranker.new_items)
@@ -228,6 +228,7 @@ class BlockScorer:
         best, ids = self.best_new_items(user_vectors, histories, items[:, :window], relevance[:, :window], slots,
                                         hide=None if pool is None else pool[0])
         items, columns = items.clone(), [c.clone() for c in columns]
+        pool_new = None if pool is None else (self.new_place[pool[0]] >= 0) & ~torch.isneginf(pool[1][0])
         for row in torch.nonzero(need).flatten().tolist():
             new_ids, values = [], [[] for _ in columns]
             if pool is not None:
@@ -235,7 +236,7 @@ class BlockScorer:
                 for j, item in enumerate(pool[0][row].tolist()):
                     if len(new_ids) == need[row]:
                         break
-                    if self.new_place[item] >= 0 and item not in in_window and not torch.isneginf(pool[1][0][row, j]):
+                    if pool_new[row, j] and item not in in_window:
                         new_ids.append(item)
                         for v, column in zip(values, pool[1]):
                             v.append(float(column[row, j]))
